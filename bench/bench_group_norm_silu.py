@@ -1,0 +1,103 @@
+"""Microbenchmark of GroupNorm(x + t) + SiLU at the UNet's shapes: Triton op vs eager vs torch.compile.
+
+    python -m bench.bench_group_norm_silu [--device cuda] [--quick] [--batch-sizes 64 512]
+
+Without a GPU the Triton variant runs in the interpreter (~3 ms per program): use --quick there.
+"""
+import argparse
+import os
+
+# The interpreter must be chosen before triton is first imported (same rule as tests/conftest.py).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from bench.timing import time_fn  # noqa: E402
+from kernels import reference  # noqa: E402
+from kernels.group_norm_silu import group_norm_silu as triton_group_norm_silu  # noqa: E402
+
+# (C, H, W, groups) of every GroupNorm in the UNet.
+UNET_SHAPES = [(1, 32, 32, 1), (64, 32, 32, 8), (64, 16, 16, 8), (128, 16, 16, 8),
+               (128, 8, 8, 8), (256, 8, 8, 8), (256, 16, 16, 8), (128, 32, 32, 8)]
+QUICK_SHAPES = [(1, 32, 32, 1)]  # 8 programs at batch 8: seconds in the interpreter
+QUICK_BATCH = 8
+
+
+def _bytes_moved(n, c, h, w, dtype, with_backward):
+    """Minimal traffic: read x, t, gamma, beta and write y; backward adds read dy, x, t, gamma,
+    beta and write dx, dt, dgamma, dbeta."""
+    act = n * c * h * w * dtype.itemsize
+    small = (n * c + 2 * c) * dtype.itemsize
+    forward = 2 * act + small
+    return forward + (3 * act + 2 * small if with_backward else 0)
+
+
+def _variants():
+    # A fresh dynamo cache per compiled variant: 8 shapes x batches x dtypes would otherwise pass
+    # the recompile limit and silently fall back to eager.
+    def compiled():
+        torch._dynamo.reset()
+        return torch.compile(reference.group_norm_silu)
+
+    return {"triton": lambda: triton_group_norm_silu, "eager": lambda: reference.group_norm_silu,
+            "compile": compiled}
+
+
+def run(device: str, batch_sizes=(64, 512), quick: bool = False, dtypes=None) -> list[dict]:
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    if dtypes is None:
+        half = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported(including_emulation=False) \
+            else torch.float16
+        dtypes = (torch.float32,) if quick or not on_gpu else (torch.float32, half)
+    shapes = QUICK_SHAPES if quick else UNET_SHAPES
+    batch_sizes = (QUICK_BATCH,) if quick else batch_sizes
+    timing = dict(warmup=5, repeats=30) if on_gpu else dict(warmup=1, repeats=3)
+    rows = []
+    for dtype in dtypes:
+        for n in batch_sizes:
+            for c, h, w, groups in shapes:
+                gen = torch.Generator().manual_seed(0)
+                x, dy = (torch.randn(n, c, h, w, generator=gen).to(device, dtype) for _ in range(2))
+                t = torch.randn(n, c, generator=gen).to(device, dtype)
+                gamma, beta = (torch.randn(c, generator=gen).to(device, dtype) for _ in range(2))
+                leaves = [v.detach().requires_grad_() for v in (x, t, gamma, beta)]
+                for variant, make in _variants().items():
+                    op = make()
+
+                    def forward(op=op):
+                        with torch.no_grad():
+                            return op(x, gamma, beta, groups, 1e-5, t, True)
+
+                    def forward_backward(op=op):
+                        lx, lt, lg, lb = leaves
+                        return torch.autograd.grad(op(lx, lg, lb, groups, 1e-5, lt, True), leaves, dy)
+
+                    for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+                        res = time_fn(fn, device=device, **timing)
+                        moved = _bytes_moved(n, c, h, w, dtype, name == "fwd+bwd")
+                        rows.append(dict(op="group_norm_silu", variant=variant,
+                                         shape=f"{n}x{c}x{h}x{w}/g{groups}",
+                                         dtype=str(dtype).removeprefix("torch."), **{"pass": name},
+                                         median_ms=res["median_ms"], iqr_ms=res["iqr_ms"],
+                                         gb_per_s=moved / (res["median_ms"] * 1e-3) / 1e9))
+    return rows
+
+
+def _print_table(rows):
+    cols = ["op", "variant", "shape", "dtype", "pass", "median_ms", "iqr_ms", "gb_per_s"]
+    cells = [[f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in cols] for r in rows]
+    widths = [max(len(k), *(len(row[i]) for row in cells)) for i, k in enumerate(cols)]
+    print("  ".join(k.ljust(wd) for k, wd in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(wd) for v, wd in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    _print_table(run(args.device, tuple(args.batch_sizes), args.quick))

@@ -1,0 +1,1 @@
+"""DDPM on MNIST: config, model, diffusion math, data, training, sampling."""

@@ -1,0 +1,62 @@
+"""Checkpoints: atomic writes, validated loads, the state a resumed run needs."""
+import os
+from pathlib import Path
+
+import torch
+
+from ddpm import config as config_lib
+from ddpm.config import UserError
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "config", "step", "model", "ema", "ema_n_averaged", "optimizer",
+                 "lr_scheduler", "rng")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def save(state: dict, path: Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over the target, so a
+    crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the checkpoint.pt inside a run's out dir")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                              f"it is truncated or not a checkpoint of this toolkit: use another one") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a checkpoint of this toolkit (missing keys); use a checkpoint.pt written by train.py")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {state['format_version']}, this toolkit reads {FORMAT_VERSION}")
+    return state
+
+
+def config_of(state: dict, path) -> config_lib.Config:
+    try:
+        return config_lib.from_dict(state["config"])
+    except config_lib.ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} holds a config this version cannot run ({e})") from None
+
+
+def load_weights(module: torch.nn.Module, weights: dict, path) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointError(f"checkpoint {path} does not match the model its config describes ({first[:160]})") from None

@@ -1,0 +1,244 @@
+"""Run configuration: dataclasses, YAML files, key=value overrides, validation.
+
+This is the one place where bad configuration becomes a clear ConfigError.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input (config, CLI, data, checkpoint, run dir): the CLIs print its one-line message and exit 2."""
+
+
+class ConfigError(UserError):
+    """A configuration the toolkit cannot run; the message says what is wrong and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    base_channels: int = 64
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])
+    time_embed_dim: int = 256
+    time_hidden_mult: int = 4
+    num_heads: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [8])
+    kernels: str = "auto"      # GroupNorm+SiLU: auto (triton on CUDA, torch elsewhere) | torch | triton
+    attention: str = "auto"    # attention core: auto | torch | sdpa | triton
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"     # mnist | fashion_mnist
+    source: str = "auto"       # auto | idx | torchvision | offline_subset
+    dir: str = "data"
+    image_size: int = 32
+    resize: str = "bilinear"   # bilinear (28 -> 32, the seed) | pad (2 black pixels each side)
+    loader: str = "resident"   # resident (on the device) | dali (NVIDIA DALI, the [dali] extra) | dataloader
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 37_500
+    batch_size: int = 64
+    lr: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0     # max gradient norm; 0 disables (the seed)
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    device: str = "auto"       # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"    # fp32 | fp16 (autocast + GradScaler) | bf16 (autocast)
+    compile: str = "none"      # torch.compile mode of the UNet: none | default | max-autotune | reduce-overhead
+    log_every: int = 100
+    sample_every: int = 2500   # sample grid to TensorBoard; 0 disables
+    eval_every: int = 0        # quick sample-quality score (1,000 DDIM samples) to TensorBoard; 0 disables
+    checkpoint_every: int = 2500
+    out_dir: str = "runs/mnist"
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddpm"      # ddpm (ancestral, T steps) | ddim
+    steps: int = 50            # DDIM steps
+    eta: float = 0.0           # DDIM noise: 0 deterministic, 1 = ancestral with the posterior variance
+    variance: str = "beta"     # DDPM sigma_t^2: beta (the seed) | posterior (beta tilde)
+    clip_x0: bool = True       # clip the predicted x0 to [-1, 1] (Ho et al.); the seed did not
+    num_images: int = 64
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.kernels": ("auto", "torch", "triton"),
+    "model.attention": ("auto", "torch", "sdpa", "triton"),
+    "data.dataset": ("mnist", "fashion_mnist"),
+    "data.source": ("auto", "idx", "torchvision", "offline_subset"),
+    "data.resize": ("bilinear", "pad"),
+    "data.loader": ("resident", "dali", "dataloader"),
+    "train.precision": ("fp32", "fp16", "bf16"),
+    "train.compile": ("none", "default", "max-autotune", "reduce-overhead"),
+    "sample.sampler": ("ddpm", "ddim"),
+    "sample.variance": ("beta", "posterior"),
+}
+
+
+def _coerce(value, annotation, key: str):
+    """Check a YAML value against a dataclass field's type; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _merge(obj, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for name, value in values.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(fields)}")
+        if dataclasses.is_dataclass(hints[name]):
+            _merge(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def _parse_override(text: str) -> dict:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (e.g. train.steps=1000)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def from_dict(values: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, values or {})
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The config file (or the defaults) with key=value overrides applied, validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        _merge(cfg, values or {})
+    for text in overrides:
+        _merge(cfg, _parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    flat = {f"{section}.{k}": v for section, d in cfg.to_dict().items() for k, v in d.items()}
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {flat[key]!r}")
+
+    def require(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    m, d, data, tr, s = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.sample
+    require(m.base_channels > 0, f"model.base_channels must be > 0, got {m.base_channels}")
+    require(len(m.channel_mults) >= 2 and all(x > 0 for x in m.channel_mults),
+            f"model.channel_mults needs at least 2 positive entries (levels + bottleneck), got {m.channel_mults}")
+    require(m.time_embed_dim > 0 and m.time_embed_dim % 2 == 0,
+            f"model.time_embed_dim must be a positive even number, got {m.time_embed_dim}")
+    require(m.time_hidden_mult > 0, f"model.time_hidden_mult must be > 0, got {m.time_hidden_mult}")
+    widths = [m.base_channels * x for x in m.channel_mults]
+    require(m.num_heads > 0 and all(w % m.num_heads == 0 for w in widths),
+            f"model.num_heads={m.num_heads} must divide every level's width {widths}")
+    require(d.timesteps >= 1, f"diffusion.timesteps must be >= 1, got {d.timesteps}")
+    for name in ("beta_start", "beta_end"):
+        beta = getattr(d, name)
+        require(0.0 < beta < 1.0, f"diffusion.{name} must lie in (0, 1), got {beta}")
+    require(d.beta_start <= d.beta_end,
+            f"diffusion.beta_start ({d.beta_start}) must not exceed diffusion.beta_end ({d.beta_end})")
+    factor = 2 ** (len(m.channel_mults) - 1)
+    require(data.image_size > 0 and data.image_size % factor == 0,
+            f"data.image_size must be a positive multiple of {factor} (the UNet halves it "
+            f"{factor.bit_length() - 1} times), got {data.image_size}")
+    require(data.image_size >= 28, f"data.image_size must be >= 28 (the digits are 28x28), got {data.image_size}")
+    require(data.resize != "pad" or data.image_size == 32,
+            f"data.resize=pad gives 32x32 images; set data.image_size=32 or data.resize=bilinear")
+    require(tr.steps >= 1, f"train.steps must be >= 1, got {tr.steps}")
+    require(tr.batch_size >= 1, f"train.batch_size must be >= 1, got {tr.batch_size}")
+    require(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
+    require(len(tr.adam_betas) == 2 and all(0 <= b < 1 for b in tr.adam_betas),
+            f"train.adam_betas must be two numbers in [0, 1), got {tr.adam_betas}")
+    require(tr.weight_decay >= 0, f"train.weight_decay must be >= 0, got {tr.weight_decay}")
+    require(tr.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {tr.grad_clip}")
+    require(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {tr.warmup_steps}")
+    require(0 <= tr.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {tr.ema_decay}")
+    for name in ("log_every", "checkpoint_every"):
+        require(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
+    require(tr.sample_every >= 0, f"train.sample_every must be >= 0 (0 disables), got {tr.sample_every}")
+    require(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 disables), got {tr.eval_every}")
+    require(tr.device == "auto" or tr.device == "cpu" or tr.device.startswith("cuda"),
+            f"train.device must be auto, cpu, cuda or cuda:N, got {tr.device!r}")
+    require(1 <= s.steps <= d.timesteps, f"sample.steps must lie in [1, diffusion.timesteps={d.timesteps}], got {s.steps}")
+    require(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
+    require(s.num_images >= 1, f"sample.num_images must be >= 1, got {s.num_images}")
+
+
+def save(cfg: Config, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s][k]]

@@ -1,0 +1,154 @@
+"""The seed's UNet, generalised by config: width, depth, time-embedding size, heads, attention placement.
+
+Each "GroupNorm -> (+ time bias) -> SiLU" is one call to kernels.fused_group_norm and the attention
+core one call to kernels.attention_core, so a backend switch swaps fused Triton ops in without touching
+the parameters: checkpoints are interchangeable between backends.
+"""
+import math
+
+import torch
+from torch import nn
+
+import kernels
+
+
+def num_groups(channels: int) -> int:
+    """The seed's rule: the first of 8, 4, 2, 1 that divides the channel count."""
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class GroupNormAct(nn.GroupNorm):
+    """GroupNorm with the optional time bias added before it and SiLU after it, as one op."""
+
+    def __init__(self, channels: int, activation: bool = True, backend: str = "torch"):
+        super().__init__(num_groups(channels), channels)
+        self.activation = activation
+        self.backend = backend
+
+    def forward(self, x, time_bias=None):
+        return kernels.fused_group_norm(x, self.weight, self.bias, self.num_groups, self.eps,
+                                        time_bias, self.activation, self.backend)
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+
+    def forward(self, t):
+        angles = t.float()[:, None] * self.freqs[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, backend: str):
+        super().__init__()
+        self.norm1 = GroupNormAct(in_ch, backend=backend)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_ch)
+        self.norm2 = GroupNormAct(out_ch, backend=backend)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, temb_act):
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h, self.time_proj(temb_act)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, channels: int, num_heads: int, norm_backend: str, attention_backend: str):
+        super().__init__()
+        self.norm = GroupNormAct(channels, activation=False, backend=norm_backend)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.num_heads = num_heads
+        self.backend = attention_backend
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).view(b, 3 * c, h * w)
+        out = kernels.attention_core(qkv, self.num_heads, self.backend)
+        return x + self.proj(out.view(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """Encoder ResBlocks with stride-2 4x4 downsampling convs, a bottleneck ResBlock -> attention ->
+    ResBlock, ConvTranspose upsampling with concatenated skips, and a 1x1 output conv.
+
+    channels[i] = base_channels * channel_mults[i]; the last entry is the bottleneck's width.
+    Attention follows the bottleneck and every encoder/decoder ResBlock whose resolution is in
+    attention_resolutions (the seed: the 8x8 bottleneck only).
+    """
+
+    def __init__(self, in_channels=1, image_size=32, base_channels=64, channel_mults=(1, 2, 4),
+                 time_embed_dim=256, time_hidden_mult=4, num_heads=1, attention_resolutions=(8,),
+                 norm_backend="torch", attention_backend="torch"):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mults]
+        levels = len(widths) - 1
+        self.time_embed = nn.Sequential(
+            SinusoidalTimeEmbedding(time_embed_dim),
+            nn.Linear(time_embed_dim, time_hidden_mult * time_embed_dim),
+            nn.SiLU(),
+            nn.Linear(time_hidden_mult * time_embed_dim, time_embed_dim),
+        )
+        self.time_act = nn.SiLU()
+
+        def attention(channels, resolution):
+            if resolution in attention_resolutions:
+                return SelfAttention(channels, num_heads, norm_backend, attention_backend)
+            return nn.Identity()
+
+        self.encoder, self.encoder_attn, self.down = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        ch = in_channels
+        for i in range(levels):
+            res = image_size >> i
+            self.encoder.append(ResBlock(ch, widths[i], time_embed_dim, norm_backend))
+            self.encoder_attn.append(attention(widths[i], res))
+            self.down.append(nn.Conv2d(widths[i], widths[i], 4, stride=2, padding=1))
+            ch = widths[i]
+        self.mid1 = ResBlock(widths[-2], widths[-1], time_embed_dim, norm_backend)
+        self.mid_attn = attention(widths[-1], image_size >> levels)
+        self.mid2 = ResBlock(widths[-1], widths[-2], time_embed_dim, norm_backend)
+
+        self.up, self.decoder, self.decoder_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(levels)):
+            res = image_size >> i
+            self.up.append(nn.ConvTranspose2d(widths[i], widths[i], 4, stride=2, padding=1))
+            self.decoder.append(ResBlock(2 * widths[i], widths[max(i - 1, 0)], time_embed_dim, norm_backend))
+            self.decoder_attn.append(attention(widths[max(i - 1, 0)], res))
+        self.out = nn.Conv2d(widths[0], in_channels, 1)
+
+    def forward(self, x, t):
+        temb = self.time_act(self.time_embed(t))
+        skips = []
+        for block, attn, down in zip(self.encoder, self.encoder_attn, self.down):
+            x = attn(block(x, temb))
+            skips.append(x)
+            x = down(x)
+        x = self.mid2(self.mid_attn(self.mid1(x, temb)), temb)
+        for up, block, attn in zip(self.up, self.decoder, self.decoder_attn):
+            x = attn(block(torch.cat([up(x), skips.pop()], dim=1), temb))
+        return self.out(x)
+
+
+def resolve_backends(model_cfg, device) -> tuple[str, str]:
+    """auto: the fused Triton GroupNorm and torch's SDPA attention on CUDA, plain PyTorch elsewhere."""
+    on_cuda = torch.device(device).type == "cuda"
+    norm = model_cfg.kernels if model_cfg.kernels != "auto" else ("triton" if on_cuda else "torch")
+    attention = model_cfg.attention if model_cfg.attention != "auto" else ("sdpa" if on_cuda else "torch")
+    return norm, attention
+
+
+def build(cfg, device="cpu") -> UNet:
+    """The UNet that a Config describes, on `device`."""
+    m = cfg.model
+    norm, attention = resolve_backends(m, device)
+    return UNet(in_channels=1, image_size=cfg.data.image_size, base_channels=m.base_channels,
+                channel_mults=tuple(m.channel_mults), time_embed_dim=m.time_embed_dim,
+                time_hidden_mult=m.time_hidden_mult, num_heads=m.num_heads,
+                attention_resolutions=tuple(m.attention_resolutions),
+                norm_backend=norm, attention_backend=attention).to(device)

@@ -1,0 +1,61 @@
+"""Sampling from a checkpoint and the pictures a run shows: the grid, the denoising GIF, the
+forward-diffusion figure."""
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.utils import make_grid, save_image
+
+from ddpm import checkpoint, model as model_lib
+from ddpm.diffusion import Diffusion
+
+
+def load_model(ckpt_path, device, use_ema: bool = True):
+    """The model (EMA weights by default) and the config stored in a checkpoint."""
+    state = checkpoint.load(ckpt_path)
+    cfg = checkpoint.config_of(state, ckpt_path)
+    net = model_lib.build(cfg, device)
+    checkpoint.load_weights(net, state["ema" if use_ema else "model"], ckpt_path)
+    return net.eval(), cfg, state["step"]
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def grid_image(x: torch.Tensor, scale: int = 1) -> Image.Image:
+    grid = make_grid(to_unit(x.float().cpu()), nrow=int(len(x) ** 0.5 + 0.5), padding=2, pad_value=1.0)
+    image = Image.fromarray((grid[0] * 255).round().byte().numpy(), mode="L")
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+def save_gif(frames: list[torch.Tensor], path: Path, scale: int = 1, hold_last_ms: int = 1500) -> None:
+    images = [grid_image(f, scale) for f in frames]
+    durations = [80] * (len(images) - 1) + [hold_last_ms]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+
+
+def forward_diffusion_figure(diffusion: Diffusion, image: torch.Tensor, path: Path, columns: int = 11,
+                             generator=None) -> None:
+    """One image noised to t = 0, T/10, ..., T-1 with one fixed noise draw: the forward process."""
+    steps = torch.linspace(0, diffusion.timesteps - 1, columns).round().long().to(diffusion.device)
+    x0 = image.to(diffusion.device).expand(columns, *image.shape[-3:])
+    noise = torch.randn(image.shape[-3:], generator=generator, device=diffusion.device).expand_as(x0)
+    save_image(to_unit(diffusion.q_sample(x0, steps, noise)).cpu(), path, nrow=columns, padding=2, pad_value=1.0)
+
+
+def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, gif_frames: int = 40) -> dict:
+    """Sample num_images with cfg.sample's sampler; write samples.png, denoising.gif, forward.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    diffusion = Diffusion.from_config(cfg.diffusion, device)
+    plan = diffusion.plan(cfg.sample)
+    generator = torch.Generator(device).manual_seed(seed)
+    keep_every = max(1, len(plan.timesteps) // gif_frames)
+    x, frames = diffusion.sample(net, (num_images, 1, cfg.data.image_size, cfg.data.image_size), plan,
+                                 cfg.sample.clip_x0, generator, keep_every)
+    paths = {"grid": out_dir / "samples.png", "gif": out_dir / "denoising.gif", "forward": out_dir / "forward.png"}
+    save_image(to_unit(x).cpu(), paths["grid"], nrow=int(num_images ** 0.5 + 0.5), padding=2, pad_value=1.0)
+    save_gif(frames, paths["gif"])
+    forward_diffusion_figure(diffusion, x[:1].clamp(-1, 1), paths["forward"], generator=generator)
+    return paths

@@ -1,0 +1,248 @@
+"""The training loop: resident data -> UNet -> epsilon MSE -> Adam -> EMA, with checkpoints,
+TensorBoard logs and a progress bar. Counted in optimizer steps; resumable to the same weights."""
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from ddpm import checkpoint, config as config_lib, data, distributed, model as model_lib
+from ddpm.config import UserError
+from ddpm.diffusion import Diffusion
+from ddpm.sample import to_unit
+
+# Keys a resumed run may change: how long it runs and how it reports, not what it computes.
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
+                     "train.device", "train.out_dir"}
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class RunDirError(UserError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but this machine has no CUDA device; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def prepare_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
+    """Refuse to mix runs in one out dir; return the checkpoint state to resume from, if any."""
+    out = Path(cfg.train.out_dir)
+    saved_cfg_path, ckpt_path = out / "config.yaml", out / CHECKPOINT_NAME
+    holds_run = saved_cfg_path.exists() or ckpt_path.exists()
+    if resume:
+        if not ckpt_path.exists():
+            raise RunDirError(f"nothing to resume: {ckpt_path} does not exist; drop --resume to start a new run")
+        state = checkpoint.load(ckpt_path)
+        changed = set(config_lib.diff(checkpoint.config_of(state, ckpt_path), cfg)) - RESUMABLE_CHANGES
+        if changed:
+            raise RunDirError(f"the run in {out} was trained with other settings ({', '.join(sorted(changed))}); "
+                              f"resume with the same config or choose another train.out_dir")
+        return state
+    if holds_run and not overwrite:
+        raise RunDirError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                          f"or set train.out_dir to another directory")
+    if holds_run:
+        for name in (CHECKPOINT_NAME, "config.yaml", "tb", "samples"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def make_ema(net: torch.nn.Module, decay: float) -> AveragedModel:
+    # use_buffers=False: buffers (the sinusoid frequencies) are copied, never averaged
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
+def precision_dtype(precision: str, device: torch.device):
+    """The autocast dtype for train.precision, or None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 "
+                        f"(compute capability < 8.0, e.g. a T4): use train.precision=fp16")
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def compile_model(net: torch.nn.Module, mode: str):
+    """net itself, or its torch.compile'd forward (one graph: a break would be a bug). Inductor's
+    artifacts are cached in the user's cache dir unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
+    if mode == "none":
+        return net
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return torch.compile(net, mode=mode, fullgraph=True)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DDPM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm-mnist"
+    return Path(root)
+
+
+class Trainer:
+    """Everything one optimizer step touches. train() and the benchmarks drive this same object.
+
+    The timesteps and noise of the whole global batch are drawn from one generator seeded alike
+    on every rank, and each rank takes its slice: any world size computes the same step."""
+
+    def __init__(self, cfg, device, images: torch.Tensor, rank: int = 0, world_size: int = 1):
+        t = cfg.train
+        self.cfg, self.device = cfg, torch.device(device)
+        self.loader = data.make_loader(cfg.data.loader, images, t.batch_size, t.seed, self.device,
+                                       cfg.data.image_size, cfg.data.resize, rank, world_size)
+        torch.manual_seed(t.seed)
+        self.net = model_lib.build(cfg, self.device)
+        self.ema = make_ema(self.net, t.ema_decay)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+                                    weight_decay=t.weight_decay, fused=self.device.type == "cuda")
+        warmup = max(t.warmup_steps, 1)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: min(1.0, (step + 1) / warmup))
+        self.diffusion = Diffusion.from_config(cfg.diffusion, self.device)
+        self.noise_gen = torch.Generator(self.device).manual_seed(t.seed + 1)
+        self.autocast_dtype = precision_dtype(t.precision, self.device)
+        # fp16 needs loss scaling; with the fused Adam the scaler's inf check stays on the device.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        # compile first, then DDP around it (as nanoGPT does): one graph, DDP's hooks on the same parameters
+        self.forward = compile_model(self.net, t.compile)
+        if world_size > 1:
+            self.forward = DistributedDataParallel(
+                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True, static_graph=True)
+        self.image_shape = (1, cfg.data.image_size, cfg.data.image_size)
+        self.local = slice(self.loader.offset, self.loader.offset + self.loader.local_batch)
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step on the batch of `step`; returns the loss, detached, on the device."""
+        x0 = self.loader.batch(step)
+        t, noise = self.diffusion.draw(self.cfg.train.batch_size, self.image_shape, self.noise_gen)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = self.diffusion.loss(self.forward, x0, t[self.local], noise[self.local])
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.ema.update_parameters(self.net)
+        return loss.detach()
+
+    def state_dict(self, step: int) -> dict:
+        return {"config": self.cfg.to_dict(), "step": step, "model": self.net.state_dict(),
+                "ema": self.ema.module.state_dict(), "ema_n_averaged": self.ema.n_averaged,
+                "optimizer": self.opt.state_dict(), "lr_scheduler": self.sched.state_dict(),
+                "rng": {"noise": self.noise_gen.get_state()}, "grad_scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict, path) -> int:
+        """Restore a checkpoint's training state; returns its step."""
+        checkpoint.load_weights(self.net, state["model"], path)
+        checkpoint.load_weights(self.ema.module, state["ema"], path)
+        self.ema.n_averaged.copy_(state["ema_n_averaged"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["lr_scheduler"])
+        self.noise_gen.set_state(state["rng"]["noise"])
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        return state["step"]
+
+
+@torch.no_grad()
+def sample_grid(ema_net, diffusion: Diffusion, image_size: int, n: int = 16, seed: int = 0) -> torch.Tensor:
+    """A quick DDIM-50 grid from the EMA weights for TensorBoard (same noise every time)."""
+    plan = diffusion.ddim_plan(min(50, diffusion.timesteps), 0.0)
+    x, _ = diffusion.sample(ema_net, (n, 1, image_size, image_size), plan, True,
+                            torch.Generator(diffusion.device).manual_seed(seed))
+    return x
+
+
+def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Train as cfg says (in every process torchrun starts, if any); returns the final checkpoint's path."""
+    world, device = distributed.init(resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, world, device, resume, overwrite, progress)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -> Path:
+    t = cfg.train
+    out = Path(t.out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    if world.is_main:
+        resumed = prepare_out_dir(cfg, resume, overwrite)
+        config_lib.save(cfg, out / "config.yaml")
+    distributed.barrier(world)
+    if not world.is_main:
+        resumed = checkpoint.load(ckpt_path) if resume else None
+
+    digits = data.load_digits(cfg.data, train=True)
+    trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
+    start = trainer.load_state_dict(resumed, ckpt_path) if resumed is not None else 0
+    del resumed
+
+    writer = SummaryWriter(str(out / "tb")) if world.is_main else None
+    if world.is_main:
+        print(f"training on {world.world_size} x {device.type} with {digits.description}: {len(digits.images)} images, "
+              f"{sum(p.numel() for p in trainer.net.parameters()):,} parameters, steps {start} -> {t.steps}",
+              file=sys.stderr)
+    bar = tqdm(total=t.steps, initial=start, disable=not (progress and world.is_main), unit="step", dynamic_ncols=True)
+    # loss sum, step count and stop votes of the window, reduced across ranks once per log_every
+    window = torch.zeros(3, device=device)
+    window_start = time.perf_counter()
+    # Ctrl-C / SIGTERM: finish the step (under DDP: the logging window, so all ranks agree), save, stop.
+    stop_signal = []
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for step in range(start, t.steps):
+            window[0] += trainer.step(step)
+            window[1] += 1
+            done = step + 1
+            bar.update(1)
+            stop = bool(stop_signal) and not world.distributed
+            if done % t.log_every == 0 or done == t.steps:
+                window[2] = float(bool(stop_signal))
+                loss_sum, steps, stop_votes = distributed.sum_across(world, window).tolist()  # the one host sync
+                stop = stop_votes > 0
+                images_per_s = steps / world.world_size * t.batch_size / (time.perf_counter() - window_start)
+                if world.is_main:
+                    mean_loss = loss_sum / steps
+                    writer.add_scalar("train/loss", mean_loss, done)
+                    writer.add_scalar("train/lr", trainer.sched.get_last_lr()[0], done)
+                    writer.add_scalar("train/images_per_s", images_per_s, done)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
+                    if not progress:
+                        print(f"step {done}/{t.steps}  loss {mean_loss:.4f}  {images_per_s:.0f} images/s", file=sys.stderr)
+                window.zero_()
+                window_start = time.perf_counter()
+            if world.is_main and t.sample_every and done % t.sample_every == 0:
+                x = sample_grid(trainer.ema.module, trainer.diffusion, cfg.data.image_size)
+                writer.add_image("samples/ema_ddim50", make_grid(to_unit(x).cpu(), nrow=4, pad_value=1.0), done)
+            if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
+                checkpoint.save(trainer.state_dict(done), ckpt_path)
+            if stop:
+                bar.close()
+                if world.is_main:
+                    print(f"stopped by signal after step {done}: saved {ckpt_path}; continue with --resume", file=sys.stderr)
+                raise KeyboardInterrupt
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        bar.close()
+        if writer is not None:
+            writer.close()
+    distributed.barrier(world)
+    return ckpt_path

@@ -1,0 +1,24 @@
+"""The project's fused ops. Each takes `backend`: "torch" (kernels/reference.py) or "triton".
+
+Nothing here imports ddpm/: the model chooses a backend and calls these functions. Their names
+differ from the op modules' (group_norm_silu.py, attention.py) on purpose: importing a submodule
+binds its name on the package and would shadow a function of the same name.
+"""
+from kernels import reference
+
+
+def fused_group_norm(x, weight, bias, num_groups: int, eps: float = 1e-5, time_bias=None,
+                     activation: bool = True, backend: str = "torch"):
+    if backend == "triton":
+        from kernels.group_norm_silu import group_norm_silu as triton_group_norm_silu
+        return triton_group_norm_silu(x, weight, bias, num_groups, eps, time_bias, activation)
+    return reference.group_norm_silu(x, weight, bias, num_groups, eps, time_bias, activation)
+
+
+def attention_core(qkv, num_heads: int, backend: str = "torch"):
+    if backend == "sdpa":
+        return reference.attention_sdpa(qkv, num_heads)
+    if backend == "triton":
+        from kernels.attention import attention as triton_attention
+        return triton_attention(qkv, num_heads)
+    return reference.attention(qkv, num_heads)

@@ -1,0 +1,245 @@
+"""Fused y = SiLU(GroupNorm(x + t[:, :, None, None])) in Triton, registered as a torch custom op.
+
+One program per (sample, group). In NCHW a group's C/G channels are one contiguous run of
+C/G * H*W elements, walked as [BLOCK_C, BLOCK_HW] tiles so per-channel sums (dgamma, dbeta, dt)
+are row sums of a tile. Statistics are fp32 whatever the input dtype. The backward writes
+per-(sample, channel) partial sums that torch reduces over the batch: deterministic, no atomics.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per tile: at 8 warps that is 8 fp32 values per thread for each live tile, which keeps
+# the backward (x, dy, xhat, two accumulators) well inside a T4's register file.
+_MAX_TILE = 2048
+
+
+@triton.jit
+def _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW,
+               HAS_T: tl.constexpr, BLOCK_HW: tl.constexpr):
+    hws = hw0 + tl.arange(0, BLOCK_HW)
+    mask = c_mask[:, None] & (hws < HW)[None, :]
+    offs = base + cs[:, None] * HW + hws[None, :]
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_T:
+        v += t_row[:, None]  # masked lanes now hold t, not 0: reductions must re-mask
+    return v, offs, mask
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+                G, CPG, HW, eps,
+                HAS_T: tl.constexpr, ACTIVATION: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid // G
+    c_first = (pid % G) * CPG
+    base = pid.to(tl.int64) * CPG * HW
+    group_size = CPG * HW
+
+    # Mean and M2 exact (two-pass, in registers) per tile, merged across tiles with Chan's
+    # formula: one read of x and no sum-of-squares cancellation when |mean| >> std.
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c0 in range(0, CPG, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cs < CPG
+        t_row = tl.load(t_ptr + n * G * CPG + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) \
+            if HAS_T else None
+        for hw0 in range(0, HW, BLOCK_HW):
+            v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, HAS_T, BLOCK_HW)
+            tile_count = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(HW - hw0, BLOCK_HW)).to(tl.float32)
+            tile_mean = tl.sum(tl.where(mask, v, 0.0)) / tile_count
+            d = tl.where(mask, v - tile_mean, 0.0)
+            tile_m2 = tl.sum(d * d)
+            new_count = count + tile_count
+            delta = tile_mean - mean
+            mean += delta * (tile_count / new_count)
+            m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
+            count = new_count
+    rstd = 1.0 / tl.sqrt(m2 / group_size + eps)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, rstd)
+
+    for c0 in range(0, CPG, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cs < CPG
+        t_row = tl.load(t_ptr + n * G * CPG + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) \
+            if HAS_T else None
+        scale = tl.load(w_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) * rstd
+        shift = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) - mean * scale
+        for hw0 in range(0, HW, BLOCK_HW):
+            v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, HAS_T, BLOCK_HW)
+            y = v * scale[:, None] + shift[:, None]
+            if ACTIVATION:
+                y = y * tl.sigmoid(y)
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW, mean, rstd, w, b,
+              HAS_T: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """xhat and dL/d(pre-activation) of one tile; both are 0-safe where masked (dy loads as 0)."""
+    v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, HAS_T, BLOCK_HW)
+    xhat = (v - mean) * rstd
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACTIVATION:
+        pre = xhat * w[:, None] + b[:, None]
+        s = tl.sigmoid(pre)
+        dy = dy * s * (1.0 + pre * (1.0 - s))
+    return xhat, dy, offs, mask
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
+                dx_ptr, dt_ptr, dw_partial_ptr, db_partial_ptr,
+                G, CPG, HW,
+                HAS_T: tl.constexpr, ACTIVATION: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid // G
+    c_first = (pid % G) * CPG
+    base = pid.to(tl.int64) * CPG * HW
+    group_size = CPG * HW
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    nc_row = n * G * CPG + c_first  # offset of this group's first channel in [N, C] buffers
+
+    # Pass 1: per-channel sums of g = dL/dpre and g*xhat (dbeta, dgamma partials for this
+    # sample) and the group's reductions sum(g*gamma*xhat), sum(g*gamma) that dx needs.
+    c1 = 0.0
+    c2 = 0.0
+    for c0 in range(0, CPG, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cs < CPG
+        t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else None
+        w = tl.load(w_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
+        acc_g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+        acc_gx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+        for hw0 in range(0, HW, BLOCK_HW):
+            xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW,
+                                            mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
+            acc_g += g
+            acc_gx += g * xhat
+        db_c = tl.sum(acc_g, axis=1)
+        dw_c = tl.sum(acc_gx, axis=1)
+        tl.store(db_partial_ptr + nc_row + cs, db_c, mask=c_mask)
+        tl.store(dw_partial_ptr + nc_row + cs, dw_c, mask=c_mask)
+        c1 += tl.sum(dw_c * w)
+        c2 += tl.sum(db_c * w)
+    c1 = c1 / group_size
+    c2 = c2 / group_size
+
+    # Pass 2: dx = rstd * (g*gamma - xhat*c1 - c2); dt[n, c] is dx summed over the channel's H*W.
+    for c0 in range(0, CPG, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_mask = cs < CPG
+        t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else None
+        w = tl.load(w_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
+        acc_dx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+        for hw0 in range(0, HW, BLOCK_HW):
+            xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW,
+                                            mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
+            dx = rstd * (g * w[:, None] - xhat * c1 - c2)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if HAS_T:
+                acc_dx += tl.where(mask, dx, 0.0)
+        if HAS_T:
+            tl.store(dt_ptr + nc_row + cs, tl.sum(acc_dx, axis=1), mask=c_mask)
+
+
+def _launch_config(channels_per_group: int, hw: int):
+    block_hw = min(triton.next_power_of_2(hw), _MAX_TILE)
+    block_c = min(triton.next_power_of_2(channels_per_group), _MAX_TILE // block_hw)
+    num_warps = max(1, min(8, block_c * block_hw // 256))
+    return dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
+
+
+def _check(x, weight, num_groups):
+    torch._check(x.dim() == 4, lambda: f"group_norm_silu expects NCHW, got shape {tuple(x.shape)}")
+    torch._check(x.shape[1] % num_groups == 0,
+                 lambda: f"{x.shape[1]} channels do not split into {num_groups} groups")
+    torch._check(weight.shape == (x.shape[1],), lambda: "weight must have one value per channel")
+
+
+@torch.library.custom_op("ddpm_kernels::group_norm_silu", mutates_args=())
+def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         time_bias: Optional[torch.Tensor], num_groups: int, eps: float,
+                         activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(x, weight, num_groups)
+    x = x.contiguous()
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    has_t = time_bias is not None
+    # Without a time bias x stands in for t_ptr: HAS_T=False compiles every read of it away.
+    _fwd_kernel[(n * num_groups,)](
+        x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(),
+        y, mean, rstd, num_groups, c // num_groups, h * w, eps,
+        HAS_T=has_t, ACTIVATION=activation, **_launch_config(c // num_groups, h * w))
+    return y, mean, rstd
+
+
+@_group_norm_silu_fwd.register_fake
+def _(x, weight, bias, time_bias, num_groups, eps, activation):
+    _check(x, weight, num_groups)
+    mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return x.new_empty(x.shape), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("ddpm_kernels::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         time_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                         activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dx, dt ([N, C], or empty when there is no time bias), dweight, dbias."""
+    x, dy = x.contiguous(), dy.contiguous()
+    n, c, h, w = x.shape
+    num_groups = mean.shape[1]
+    has_t = time_bias is not None
+    dx = torch.empty_like(x)
+    dw_partial = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    db_partial = torch.empty_like(dw_partial)
+    dt = torch.empty_like(dw_partial) if has_t else dw_partial.new_empty(0)
+    _bwd_kernel[(n * num_groups,)](
+        x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(), dy,
+        mean, rstd, dx, dt, dw_partial, db_partial, num_groups, c // num_groups, h * w,
+        HAS_T=has_t, ACTIVATION=activation, **_launch_config(c // num_groups, h * w))
+    return (dx, dt.to(time_bias.dtype) if has_t else dt,
+            dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype))
+
+
+@_group_norm_silu_bwd.register_fake
+def _(dy, x, weight, bias, time_bias, mean, rstd, activation):
+    dt = time_bias.new_empty(time_bias.shape) if time_bias is not None else x.new_empty(0, dtype=torch.float32)
+    return x.new_empty(x.shape), dt, weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, time_bias, _, _, activation = inputs
+    _, mean, rstd = output
+    # x and t are saved apart (t is tiny); the kernel re-adds t instead of storing x + t.
+    ctx.save_for_backward(x, weight, bias, time_bias, mean, rstd)
+    ctx.activation = activation
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, time_bias, mean, rstd = ctx.saved_tensors
+    dx, dt, dweight, dbias = _group_norm_silu_bwd(dy, x, weight, bias, time_bias, mean, rstd, ctx.activation)
+    return dx, dweight, dbias, (dt if time_bias is not None else None), None, None, None
+
+
+_group_norm_silu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
+                    eps: float = 1e-5, time_bias: Optional[torch.Tensor] = None,
+                    activation: bool = True) -> torch.Tensor:
+    """y = SiLU(GroupNorm(x + time_bias[:, :, None, None])) (no SiLU if not activation); y in x's dtype."""
+    return _group_norm_silu_fwd(x, weight, bias, time_bias, num_groups, float(eps), activation)[0]

@@ -1,0 +1,49 @@
+"""Sample from a trained DDPM: python sample.py --ckpt RUN/checkpoint.pt --out DIR [options]
+
+Writes DIR/samples.png (the grid), DIR/denoising.gif (the whole grid from noise to t = 0) and
+DIR/forward.png (the first sample destroyed by the forward process, step by step)."""
+import argparse
+
+import torch
+
+from ddpm import cli, config
+from ddpm.sample import load_model, write_samples
+from ddpm.train import resolve_device
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a checkpoint.pt written by train.py")
+    parser.add_argument("--out", required=True, help="directory for the pictures")
+    parser.add_argument("--n", type=positive, default=64, help="number of images (default: %(default)s)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the checkpoint config's (ddpm)")
+    parser.add_argument("--steps", type=positive, help="DDIM steps (default: the config's, 50)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (default: 0, deterministic)")
+    parser.add_argument("--variance", choices=("beta", "posterior"), help="DDPM sigma_t^2 (default: beta)")
+    parser.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
+    parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    args = parser.parse_args()
+    with cli.user_errors("sample.py"):
+        device = resolve_device(args.device)
+        net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
+        overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
+                                       "variance": args.variance}.items() if v is not None}
+        if args.no_clip:
+            overrides["clip_x0"] = False
+        cfg = config.from_dict({**cfg.to_dict(), "sample": {**cfg.to_dict()["sample"], **overrides}})
+        with torch.inference_mode():
+            paths = write_samples(net, cfg, args.out, device, args.n, args.seed)
+        print(f"{cfg.sample.sampler} samples from step {step}: " + ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The Triton attention op (kernels/attention.py) against reference.attention in float64.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py), about
+3 ms per program instance, so the shapes stay small.
+"""
+import pytest
+import torch
+from torch import nn
+
+from kernels import reference
+from kernels.attention import attention
+
+# (batch, heads, head_dim, seq): seq 1 and 7 and 100 exercise the masks (100 -> 128-wide tiles,
+# 32-row blocks), d = 256 the d-chunk loops, heads 4 and 8 the per-head channel offsets.
+SHAPES = [
+    (2, 1, 16, 1),
+    (2, 2, 16, 7),
+    (1, 1, 256, 64),
+    (1, 4, 64, 16),
+    (1, 8, 16, 100),
+]
+
+# Forward and input-gradient tolerances against float64 (values and gradients are O(1)).
+TOLERANCES = {
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.float16: dict(atol=4e-3, rtol=1e-2),
+    torch.bfloat16: dict(atol=3e-2, rtol=5e-2),
+}
+
+
+def _dtypes():
+    bf16_skip = []
+    if not torch.cuda.is_available():
+        bf16_skip = [pytest.mark.skip(reason="bf16 tl.dot gives wrong results in the Triton interpreter")]
+    elif not torch.cuda.is_bf16_supported():
+        bf16_skip = [pytest.mark.skip(reason="this GPU has no bf16")]
+    return [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+            pytest.param(torch.bfloat16, id="bf16", marks=bf16_skip)]
+
+
+def _qkv(batch, heads, head_dim, seq, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3 * heads * head_dim, seq, generator=gen).to(device=device, dtype=dtype)
+
+
+def _reference_grad(qkv, heads, dout):
+    q64 = qkv.detach().double().requires_grad_()
+    out = reference.attention(q64, heads)
+    out.backward(dout.double())
+    return out, q64.grad
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}h{}d{}N{}".format(*s))
+def test_forward_backward_match_float64_reference(shape, dtype, device):
+    batch, heads, head_dim, seq = shape
+    qkv = _qkv(*shape, dtype, device).requires_grad_()
+    out = attention(qkv, heads)
+    assert out.shape == (batch, heads * head_dim, seq) and out.dtype == dtype
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    out.backward(dout)
+    ref_out, ref_grad = _reference_grad(qkv, heads, dout)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    assert qkv.grad.shape == qkv.shape and qkv.grad.dtype == dtype
+    torch.testing.assert_close(qkv.grad.double(), ref_grad, **tol)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 16, 7), (1, 1, 256, 64)], ids=["N7", "d256"])
+def test_lse_is_logsumexp_of_scaled_scores(shape, device):
+    batch, heads, head_dim, seq = shape
+    qkv = _qkv(*shape, torch.float32, device)
+    _, lse = torch.ops.ddpm_kernels.attention(qkv, heads)
+    q, k, _ = qkv.double().view(batch, 3, heads, head_dim, seq).unbind(1)
+    scores = torch.einsum("bhdi,bhdj->bhij", q, k) * head_dim**-0.5
+    assert lse.dtype == torch.float32 and lse.shape == (batch, heads, seq)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_reads_conv_view_and_returns_contiguous(device):
+    batch, channels, heads, side = 2, 32, 2, 4
+    conv_out = torch.randn(batch, 3 * channels, side, side, device=device)
+    qkv = conv_out.view(batch, 3 * channels, side * side)  # a view: shares conv_out's storage
+    assert qkv.data_ptr() == conv_out.data_ptr()
+    out = attention(qkv, heads)
+    assert out.shape == (batch, channels, side * side) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), reference.attention(qkv.double(), heads), atol=2e-5, rtol=1e-4)
+
+
+def test_strided_input_and_expanded_grad(device):
+    """Token-major storage (stride 1 along channels) and out.sum()'s stride-0 gradient."""
+    batch, heads, head_dim, seq = 2, 2, 16, 7
+    qkv = torch.randn(batch, seq, 3 * heads * head_dim, device=device).transpose(1, 2).requires_grad_()
+    assert not qkv.is_contiguous()
+    out = attention(qkv, heads)
+    out.sum().backward()
+    ref_out, ref_grad = _reference_grad(qkv, heads, torch.ones_like(out))
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(qkv.grad.double(), ref_grad, atol=2e-5, rtol=1e-4)
+
+
+def test_backward_is_deterministic(device):
+    qkv = _qkv(1, 2, 16, 7, torch.float16, device).requires_grad_()
+    dout = torch.randn(1, 32, 7, device=device, dtype=torch.float16)
+    grads = [torch.autograd.grad(attention(qkv, 2), qkv, dout)[0] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_rejects_bad_shapes(device):
+    with pytest.raises(RuntimeError, match="heads"):
+        attention(torch.randn(1, 3 * 10, 4, device=device), 4)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        attention(torch.randn(1, 3 * 16, 257, device=device), 1)
+
+
+def test_opcheck(device):
+    qkv = _qkv(1, 2, 16, 7, torch.float32, device).requires_grad_()
+    torch.library.opcheck(torch.ops.ddpm_kernels.attention.default, (qkv, 2))
+    out, lse = torch.ops.ddpm_kernels.attention(qkv.detach(), 2)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.ddpm_kernels.attention_backward.default, (dout, qkv.detach(), out, lse, 2))
+
+
+class _TinyAttentionBlock(nn.Module):
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        out = attention(self.qkv(x).view(b, 3 * c, h * w), self.heads)
+        return x + self.proj(out.view(b, c, h, w))
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch.manual_seed(0)
+    model = _TinyAttentionBlock(channels=32, heads=2).to(device)
+    x = torch.randn(2, 32, 3, 3, device=device, requires_grad=True)
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *model.parameters()])
+    compiled = torch.compile(model, fullgraph=True)(x)
+    compiled_grads = torch.autograd.grad(compiled.square().sum(), [x, *model.parameters()])
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from ddpm import config
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(path):
+    config.load(path)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = config.load("configs/mnist.yaml", ["train.steps=7", "train.lr=3e-4", "model.channel_mults=[1,2]",
+                                             "sample.clip_x0=false", "diffusion.beta_start=1e-4"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 3e-4 and cfg.model.channel_mults == [1, 2]
+    assert cfg.sample.clip_x0 is False and cfg.diffusion.beta_start == 1e-4
+
+
+def test_seed_config_matches_the_seed():
+    cfg = config.load("configs/mnist.yaml")
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.steps) == (64, 1e-4, 37_500)
+    assert (cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end) == (1000, 1e-4, 0.02)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.bogus=1", "unknown config key 'train.bogus'"),
+    ("bogus.x=1", "unknown config key 'bogus'"),
+    ("train.batch_size=0", "train.batch_size must be >= 1"),
+    ("train.batch_size=-3", "train.batch_size must be >= 1"),
+    ("train.batch_size=abc", "train.batch_size must be int"),
+    ("train.batch_size=2.5", "train.batch_size must be int"),
+    ("train.lr=fast", "train.lr must be float"),
+    ("sample.clip_x0=3", "sample.clip_x0 must be bool"),
+    ("diffusion.timesteps=0", "diffusion.timesteps must be >= 1"),
+    ("diffusion.beta_end=1.5", "diffusion.beta_end must lie in (0, 1)"),
+    ("diffusion.beta_start=0", "diffusion.beta_start must lie in (0, 1)"),
+    ("data.image_size=30", "data.image_size must be a positive multiple of 4"),
+    ("model.kernels=cuda", "model.kernels must be one of"),
+    ("model.channel_mults=5", "model.channel_mults must be a list"),
+    ("model.num_heads=3", "model.num_heads=3 must divide"),
+    ("train.steps", "is not key=value"),
+])
+def test_bad_values_raise_one_clear_line(override, message):
+    with pytest.raises(config.ConfigError, match=None) as err:
+        config.load("configs/mnist.yaml", [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(bad)
+    bad.write_text("train: 5\n")
+    with pytest.raises(config.ConfigError, match="train must be a mapping"):
+        config.load(bad)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = config.load("configs/demo.yaml", ["train.seed=3"])
+    config.save(cfg, tmp_path / "c.yaml")
+    assert config.diff(config.load(tmp_path / "c.yaml"), cfg) == []

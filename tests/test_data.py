@@ -1,0 +1,137 @@
+import gzip
+import struct
+
+import pytest
+import torch
+
+from ddpm import config, data
+
+
+def write_idx(path, array: torch.Tensor, compress: bool):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape)
+    payload = header + array.to(torch.uint8).numpy().tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+    return payload
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.arange(10, dtype=torch.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, compress=True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, compress=False)
+    return tmp_path, images, labels
+
+
+def cfg_for(directory, **data_overrides):
+    return config.load(None, [f"data.dir={directory}", "data.source=idx",
+                              *(f"data.{k}={v}" for k, v in data_overrides.items())]).data
+
+
+def test_idx_files_gzipped_or_raw_load_exactly(idx_dir):
+    directory, images, labels = idx_dir
+    digits = data.load_digits(cfg_for(directory))
+    assert torch.equal(digits.images, images) and torch.equal(digits.labels, labels.long())
+
+
+def test_torchvision_layout_is_found(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "t10k-images-idx3-ubyte", torch.zeros(3, 28, 28), compress=False)
+    write_idx(raw / "t10k-labels-idx1-ubyte", torch.zeros(3), compress=False)
+    assert data.load_digits(cfg_for(tmp_path), train=False).images.shape == (3, 28, 28)
+
+
+def test_truncated_file_is_reported(idx_dir):
+    directory, images, _ = idx_dir
+    payload = write_idx(directory / "train-images-idx3-ubyte.gz", images, compress=False)
+    (directory / "train-images-idx3-ubyte.gz").unlink()
+    (directory / "train-images-idx3-ubyte").write_bytes(payload[:-100])
+    with pytest.raises(data.DataError, match="truncated or corrupt"):
+        data.load_digits(cfg_for(directory))
+
+
+def test_bad_magic_and_bad_gzip_are_reported(idx_dir):
+    directory, _, _ = idx_dir
+    (directory / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x09\x03" + b"\x00" * 20))
+    with pytest.raises(data.DataError, match="bad magic number"):
+        data.load_digits(cfg_for(directory))
+    (directory / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(data.DataError, match="is corrupt"):
+        data.load_digits(cfg_for(directory))
+
+
+def test_missing_files_are_reported(idx_dir, tmp_path):
+    directory, _, _ = idx_dir
+    (directory / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(data.DataError, match="no labels file"):
+        data.load_digits(cfg_for(directory))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataError, match="no train-images-idx3-ubyte"):
+        data.load_digits(cfg_for(empty))
+
+
+def test_mismatched_label_count_is_reported(idx_dir):
+    directory, _, _ = idx_dir
+    write_idx(directory / "train-labels-idx1-ubyte", torch.zeros(7), compress=False)
+    with pytest.raises(data.DataError, match="do not match"):
+        data.load_digits(cfg_for(directory))
+
+
+def test_offline_subset_is_real_mnist():
+    digits = data.load_offline_subset()
+    assert digits.images.shape == (5000, 28, 28) and digits.images.dtype == torch.uint8
+    assert torch.bincount(digits.labels).tolist() == [500] * 10
+    assert digits.images.float().mean() > 20  # ink, not zeros
+
+
+def test_auto_falls_back_to_the_offline_subset_loudly(tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+    monkeypatch.setattr(data, "load_torchvision", offline)
+    digits = data.load_digits(config.load(None, [f"data.dir={tmp_path}"]).data)
+    assert len(digits.images) == 5000
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "offline subset" in err and "train-images-idx3-ubyte.gz" in err
+
+
+def test_model_input_range_and_size():
+    images = torch.tensor([[0, 255]], dtype=torch.uint8).repeat(28, 14).view(1, 28, 28)
+    x = data.to_model_input(images, 32, "bilinear")
+    assert x.shape == (1, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    padded = data.to_model_input(images, 32, "pad")
+    assert padded.shape == (1, 1, 32, 32)
+    assert (padded[..., :2, :] == -1).all() and torch.equal(padded[..., 2:30, 2:30], images.float().div(127.5).sub(1).unsqueeze(1))
+
+
+def test_resident_loader_covers_each_epoch_once_and_is_a_function_of_the_step():
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1).expand(40, 28, 28).contiguous()
+    loader = data.ResidentLoader(images, 8, seed=3, device="cpu", resize="pad")
+    assert loader.steps_per_epoch == 5
+
+    def ids(batch):  # recover the image index from the constant pixel value
+        return ((batch[:, 0, 16, 16] + 1) * 127.5).round().long().tolist()
+
+    epoch0 = sum((ids(loader.batch(s)) for s in range(5)), [])
+    epoch1 = sum((ids(loader.batch(s)) for s in range(5, 10)), [])
+    assert sorted(epoch0) == list(range(40)) and sorted(epoch1) == list(range(40)) and epoch0 != epoch1
+    fresh = data.ResidentLoader(images, 8, seed=3, device="cpu", resize="pad")
+    assert ids(fresh.batch(7)) == ids(loader.batch(7))  # no hidden state: resume-safe
+
+
+def test_ranks_take_disjoint_slices_of_the_global_batch():
+    images = torch.arange(32, dtype=torch.uint8).view(32, 1, 1).expand(32, 28, 28).contiguous()
+    whole = data.ResidentLoader(images, 8, seed=0, device="cpu", resize="pad")
+    parts = [data.ResidentLoader(images, 8, seed=0, device="cpu", resize="pad", rank=r, world_size=2) for r in (0, 1)]
+    for step in range(6):
+        torch.testing.assert_close(torch.cat([p.batch(step) for p in parts]), whole.batch(step))
+
+
+def test_loader_rejects_impossible_batches():
+    images = torch.zeros(10, 28, 28, dtype=torch.uint8)
+    with pytest.raises(data.DataError, match="fewer than one batch"):
+        data.ResidentLoader(images, 16, 0, "cpu")
+    with pytest.raises(data.DataError, match="divisible by the number of processes"):
+        data.ResidentLoader(images, 5, 0, "cpu", world_size=2)

@@ -1,0 +1,136 @@
+import torch
+
+from ddpm import config, model
+from ddpm.diffusion import Diffusion
+
+T = 1000
+
+
+def test_schedule_closed_forms():
+    d = Diffusion(T, 1e-4, 0.02)
+    s = d.schedule64
+    assert s["betas"].dtype == torch.float64
+    torch.testing.assert_close(s["betas"][[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    t = torch.arange(T, dtype=torch.float64)
+    torch.testing.assert_close(s["betas"], 1e-4 + t * (0.02 - 1e-4) / (T - 1))
+    # abar_t = prod_{s<=t} (1 - beta_s), via logs
+    torch.testing.assert_close(s["alphas_cumprod"], torch.exp(torch.cumsum(torch.log1p(-s["betas"]), 0)))
+    assert d.sqrt_abar.dtype == torch.float32
+    torch.testing.assert_close(d.sqrt_abar.double() ** 2, s["alphas_cumprod"], atol=1e-6, rtol=1e-5)
+    assert 0 < s["alphas_cumprod"][-1] < 1e-4  # nearly pure noise at T
+
+
+def test_q_sample_statistics():
+    d = Diffusion(T)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((200_000, 1, 1, 1), 0.5)
+    for step in (0, 250, 999):
+        t = torch.full((x0.shape[0],), step)
+        xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        abar = d.schedule64["alphas_cumprod"][step].item()
+        assert abs(xt.mean().item() - abar**0.5 * 0.5) < 0.01
+        assert abs(xt.var().item() - (1 - abar)) < 0.01 * max(1 - abar, 1e-2) + 1e-4
+
+
+def test_posterior_matches_ho_et_al_eq_6_7():
+    """The posterior from Bayes' rule on the two Gaussians q(x_t | x_{t-1}) and q(x_{t-1} | x_0)."""
+    s = Diffusion(T).schedule64
+    beta, alpha = s["betas"][1:], s["alphas"][1:]
+    abar_prev = s["alphas_cumprod"][:-1]
+    precision = 1 / (1 - abar_prev) + alpha / beta
+    torch.testing.assert_close(s["posterior_variance"][1:], 1 / precision)
+    torch.testing.assert_close(s["posterior_mean_x0"][1:], abar_prev.sqrt() / (1 - abar_prev) / precision)
+    torch.testing.assert_close(s["posterior_mean_xt"][1:], alpha.sqrt() / beta / precision)
+    assert s["posterior_variance"][0] == 0  # t = 0 has no noise
+
+
+def test_ddim_eta1_all_steps_is_the_ancestral_step_with_beta_tilde():
+    d = Diffusion(T)
+    ddpm, ddim = d.ddpm_plan("posterior"), d.ddim_plan(T, eta=1.0)
+    for field in ("timesteps", "x0_from_xt", "x0_from_eps", "mean_x0", "mean_xt", "sigma"):
+        torch.testing.assert_close(getattr(ddim, field), getattr(ddpm, field), rtol=1e-5, atol=1e-7, msg=field)
+
+
+def test_ddpm_step_without_clipping_is_the_seeds_mean():
+    """mu = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t), sigma^2 = beta_t."""
+    d = Diffusion(T)
+    plan = d.ddpm_plan("beta")
+    s = d.schedule64
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    for i in (0, 500, 998):
+        t = plan.timesteps[i].item()
+        seed_mean = (x.double() - s["betas"][t] / (1 - s["alphas_cumprod"][t]).sqrt() * eps.double()) / s["alphas"][t].sqrt()
+        out = Diffusion.step(plan, i, x, eps, torch.zeros_like(x), clip_x0=False)
+        torch.testing.assert_close(out.double(), seed_mean, atol=2e-4, rtol=1e-4)
+        assert abs(plan.sigma[i].item() ** 2 - s["betas"][t].item()) < 1e-8
+    assert plan.sigma[-1] == 0 and plan.timesteps[-1] == 0
+
+
+def test_clipping_bounds_the_predicted_x0():
+    d = Diffusion(T)
+    plan = d.ddim_plan(10, 0.0)
+    x = torch.full((1, 1, 2, 2), 50.0)
+    eps = torch.zeros_like(x)
+    clipped = Diffusion.step(plan, 9, x, eps, eps, clip_x0=True)  # last step: x_prev = x0
+    assert clipped.abs().max() <= 1.0 + 1e-6
+    assert Diffusion.step(plan, 9, x, eps, eps, clip_x0=False).abs().max() > 1.0
+
+
+def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
+    torch.manual_seed(0)
+    cfg = config.load("configs/ci.yaml")
+    net = model.build(cfg).eval()
+    d = Diffusion.from_config(cfg.diffusion)
+    plan = d.ddim_plan(10, 0.0)
+    assert (plan.sigma == 0).all()
+    x_t = torch.randn(2, 1, 32, 32)
+
+    def run(plan, noise_seed):
+        g = torch.Generator().manual_seed(noise_seed)
+        x = x_t.clone()
+        with torch.no_grad():
+            for i in range(len(plan.timesteps)):
+                eps = net(x, plan.timesteps[i].expand(2))
+                x = Diffusion.step(plan, i, x, eps, torch.randn(x.shape, generator=g))
+        return x
+
+    torch.testing.assert_close(run(plan, 1), run(plan, 2), rtol=0, atol=0)
+    ddpm = d.ddpm_plan()
+    assert not torch.equal(run(ddpm, 1), run(ddpm, 2))
+
+
+def test_sample_returns_frames_ending_at_the_result():
+    cfg = config.load("configs/ci.yaml")
+    net = model.build(cfg).eval()
+    d = Diffusion.from_config(cfg.diffusion)
+    x, frames = d.sample(net, (2, 1, 32, 32), d.ddim_plan(10), generator=torch.Generator().manual_seed(0), keep_every=4)
+    assert len(frames) == 1 + 3 and torch.equal(frames[-1], x) and x.abs().max() <= 1.0 + 1e-6
+
+
+def test_small_model_overfits_eight_images():
+    """The loss on a fixed set of (t, noise) draws over eight real digits falls more than 5x."""
+    from ddpm import data
+    torch.manual_seed(0)
+    cfg = config.load("configs/ci.yaml", ["model.base_channels=16"])
+    net = model.build(cfg)
+    d = Diffusion.from_config(cfg.diffusion)
+    images = data.to_model_input(data.load_offline_subset().images[::625])
+    g = torch.Generator().manual_seed(0)
+    t_eval = torch.randint(0, d.timesteps, (4, 8), generator=g)
+    noise_eval = torch.randn(4, *images.shape, generator=g)
+
+    def eval_loss():
+        with torch.no_grad():
+            return sum(torch.nn.functional.mse_loss(net(d.q_sample(images, t, n), t), n).item()
+                       for t, n in zip(t_eval, noise_eval)) / len(t_eval)
+
+    before = eval_loss()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(300):
+        loss = d.loss(net, images, *d.draw(8, images.shape[1:], g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert after < before / 5, (before, after)

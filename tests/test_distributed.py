@@ -1,0 +1,48 @@
+"""DDP on CPU: torchrun with gloo and two processes."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ddpm import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(nproc: int, *args):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                             *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_ranks_stay_identical_and_match_one_process_on_the_global_batch(tmp_path):
+    torchrun(2, "tests/ddp_worker.py", tmp_path, 5)
+    torchrun(1, "tests/ddp_worker.py", tmp_path, 5)
+    load = lambda name: torch.load(tmp_path / f"{name}.pt")  # noqa: E731
+    rank0, rank1, single, init = load("world2-rank0"), load("world2-rank1"), load("world1-rank0"), load("init-world1-rank0")
+    assert not all(torch.equal(init[name], single[name]) for name in single)  # training moved the weights
+    for name in single:
+        assert torch.equal(rank0[name], rank1[name]), name
+    # The averaged gradient of two half batches is the gradient of the whole batch.
+    grads0, grads1, grads_single = load("grads-world2-rank0"), load("grads-world2-rank1"), load("grads-world1-rank0")
+    for name, g in grads_single.items():
+        assert torch.equal(grads0[name], grads1[name]), name
+        torch.testing.assert_close(grads0[name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9)
+    # Weights after 5 Adam steps agree to a few lr-sized steps at most: Adam divides by sqrt(v), so
+    # near-zero gradients that differ only by summation order move by up to lr (1e-3) a step.
+    for name in single:
+        torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=5e-3)
+
+
+def test_ddp_training_run_resumes_in_one_process(tmp_path):
+    out = tmp_path / "run"
+    common = ["--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={out}", "train.batch_size=8"]
+    result = torchrun(2, "train.py", *common, "train.steps=4")
+    assert "training on 2 x cpu" in result.stderr
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 4
+    result = subprocess.run([sys.executable, "train.py", *common, "train.steps=6", "--resume"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 6

@@ -1,0 +1,83 @@
+"""Every fast path computes what the eager fp32 path computes."""
+import pytest
+import torch
+
+from ddpm import config, data, model
+from ddpm.diffusion import Diffusion
+from ddpm.train import Trainer
+
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def images():
+    return data.load_offline_subset().images[:512]
+
+
+def mean_loss(overrides, images, steps=STEPS):
+    trainer = Trainer(config.load("configs/ci.yaml", overrides), "cpu", images)
+    losses = torch.stack([trainer.step(i) for i in range(steps)])
+    return losses, trainer
+
+
+@pytest.fixture(scope="module")
+def eager(images):
+    return mean_loss([], images)
+
+
+@pytest.mark.parametrize("overrides, rtol", [
+    (["train.precision=bf16"], 0.05),
+    (["train.precision=fp16"], 0.02),
+    (["train.compile=default"], 1e-3),
+    (["model.attention=sdpa"], 1e-3),
+    (["data.loader=dataloader"], 1e-5),
+    (["data.loader=dali"], 1e-3),
+])
+def test_variant_reaches_the_eager_fp32_loss(overrides, rtol, images, eager):
+    if overrides == ["data.loader=dali"]:
+        pytest.importorskip("nvidia.dali")
+    losses, _ = mean_loss(overrides, images)
+    eager_losses, _ = eager
+    assert eager_losses[-50:].mean() < eager_losses[:10].mean() / 2  # the run learns
+    torch.testing.assert_close(losses[-50:].mean(), eager_losses[-50:].mean(), rtol=rtol, atol=0)
+
+
+def one_step_grads(cfg, net, x, t, noise):
+    net.zero_grad()
+    loss = Diffusion.from_config(cfg.diffusion).loss(net, x, t, noise)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def test_triton_unet_has_the_torch_unets_loss_and_gradients():
+    cfg = config.load("configs/ci.yaml", ["model.base_channels=4", "model.time_embed_dim=8"])
+    torch.manual_seed(0)
+    reference = model.build(cfg)
+    fused = model.build(config.load("configs/ci.yaml", ["model.base_channels=4", "model.time_embed_dim=8",
+                                                        "model.kernels=triton", "model.attention=triton"]))
+    fused.load_state_dict(reference.state_dict())  # checkpoints are interchangeable
+    x, noise = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
+    t = torch.tensor([3, 77])
+    loss_ref, grads_ref = one_step_grads(cfg, reference, x, t, noise)
+    loss_fused, grads_fused = one_step_grads(cfg, fused, x, t, noise)
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-5, atol=0)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads_fused[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item() + 1e-8, msg=name)
+
+
+def test_compiled_triton_unet_is_one_graph_and_matches_eager():
+    overrides = ["model.base_channels=4", "model.time_embed_dim=8", "model.kernels=triton", "model.attention=triton"]
+    cfg = config.load("configs/ci.yaml", overrides)
+    torch.manual_seed(0)
+    net = model.build(cfg)
+    compiled = torch.compile(net, fullgraph=True)  # a graph break would raise here
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 60])
+    out = compiled(x, t)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    expected = net(x, t)
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)

@@ -1,0 +1,159 @@
+"""The Triton GroupNorm(+time bias)+SiLU op against the float64 reference, forward and backward."""
+import pytest
+import torch
+
+from kernels import reference
+from kernels.group_norm_silu import group_norm_silu
+
+# Largest error allowed, relative to the largest reference magnitude of the same tensor: the
+# inputs are rounded to the dtype first and the reference sees those same values, so what is
+# left is the fp32 arithmetic plus one rounding of each output to its dtype.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# (shape, groups, with time bias, with SiLU): H*W of 1, 49, 64, 1024 and one over the 2048-element
+# tile (several H*W tiles per channel); 3 channels per group (not a power of two); 8 channels
+# per group at H*W 1024 (several channel tiles per group).
+SHAPES = [
+    ((2, 24, 7, 7), 8, True, True),
+    ((2, 32, 1, 1), 8, True, True),
+    ((2, 16, 8, 8), 8, False, False),
+    ((2, 1, 32, 32), 1, True, True),
+    ((1, 4, 48, 48), 1, True, False),
+    ((1, 16, 32, 32), 2, False, True),
+]
+
+
+def _dtypes(device):
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        dtypes.remove(torch.bfloat16)  # T4 (sm 7.5): no bf16
+    return dtypes
+
+
+def _inputs(shape, has_t, device, dtype, param_dtype=None, offset=0.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    param_dtype = param_dtype or dtype
+
+    def make(size, dt, scale=1.0, shift=0.0):
+        return (torch.randn(size, generator=gen) * scale + shift).to(device, dt).requires_grad_()
+
+    x = make(shape, dtype, shift=offset)
+    weight = make((c,), param_dtype, scale=0.5, shift=1.0)
+    bias = make((c,), param_dtype, scale=0.5)
+    t = make((n, c), dtype) if has_t else None
+    dy = torch.randn(shape, generator=gen).to(device, dtype)
+    return x, weight, bias, t, dy
+
+
+def _run(fn, x, weight, bias, t, dy, groups, activation):
+    y = fn(x, weight, bias, groups, 1e-5, t, activation)
+    leaves = [x, weight, bias] + ([t] if t is not None else [])
+    return [y] + list(torch.autograd.grad(y, leaves, dy))
+
+
+def _reference(x, weight, bias, t, dy, groups, activation):
+    as64 = [v.detach().double().requires_grad_() if v is not None else None for v in (x, weight, bias, t)]
+    return _run(reference.group_norm_silu, *as64, dy.double(), groups, activation)
+
+
+def _assert_close(got, want, tol, names):
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape, name
+        err = (g.double() - w).abs().max().item()
+        scale = w.abs().max().item()
+        if name == "dt":
+            # dt sums dx over H*W and is exactly 0 for one channel per group: measure its error
+            # against the summed magnitudes, as any sum's rounding goes.
+            scale = max(scale, want[1].abs().sum((2, 3)).max().item())
+        assert err <= tol * max(scale, 1e-3), f"{name}: max error {err:.3g} vs magnitude {scale:.3g}"
+
+
+def _check(shape, groups, has_t, activation, device, dtype, param_dtype=None, offset=0.0, tol=None):
+    x, weight, bias, t, dy = _inputs(shape, has_t, device, dtype, param_dtype, offset)
+    got = _run(group_norm_silu, x, weight, bias, t, dy, groups, activation)
+    want = _reference(x, weight, bias, t, dy, groups, activation)
+    assert got[0].dtype == dtype
+    for g, leaf in zip(got[1:], (x, weight, bias, t)):
+        assert g.dtype == leaf.dtype
+    names = ["y", "dx", "dweight", "dbias", "dt"]
+    _assert_close(got, want, tol or TOLERANCE[dtype], names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,groups,has_t,activation", SHAPES, ids=lambda v: str(v))
+def test_matches_reference(shape, groups, has_t, activation, dtype, device):
+    if dtype not in _dtypes(device):
+        pytest.skip("this GPU has no bf16")
+    _check(shape, groups, has_t, activation, device, dtype)
+
+
+@pytest.mark.parametrize("has_t", [True, False])
+@pytest.mark.parametrize("activation", [True, False])
+def test_time_bias_and_activation_switches(has_t, activation, device):
+    _check((2, 16, 4, 4), 8, has_t, activation, device, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_activations_fp32_params(dtype, device):
+    """Autocast's layout: activations and time bias in half precision, GroupNorm's affine in fp32."""
+    if dtype not in _dtypes(device):
+        pytest.skip("this GPU has no bf16")
+    _check((2, 16, 8, 8), 8, True, True, device, dtype, param_dtype=torch.float32)
+
+
+def test_large_mean_is_stable(device):
+    """Mean 1000x the spread. fp32 holds x + t near 1000 only to ~6e-5, hence 1e-3; a one-pass
+    sum/sum-of-squares variance (1e6 + 1 - 1e6 in fp32) would be off by several percent."""
+    _check((2, 16, 32, 32), 2, True, True, device, torch.float32, offset=1000.0, tol=1e-3)
+
+
+def test_backward_is_deterministic(device):
+    x, weight, bias, t, dy = _inputs((4, 16, 8, 8), True, device, torch.float32)
+    first = _run(group_norm_silu, x, weight, bias, t, dy, 8, True)
+    second = _run(group_norm_silu, x, weight, bias, t, dy, 8, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(device):
+    x, weight, bias, t, dy = _inputs((2, 8, 3, 3), True, device, torch.float32)
+    op = torch.ops.ddpm_kernels.group_norm_silu.default
+    torch.library.opcheck(op, (x, weight, bias, t, 2, 1e-5, True))
+    torch.library.opcheck(op, (x, weight, bias, None, 2, 1e-5, False))
+    y, mean, rstd = op(x, weight, bias, t, 2, 1e-5, True)
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.ddpm_kernels.group_norm_silu_backward.default,
+                              (dy, x, weight, bias, t, mean, rstd, True))
+
+
+class _TinyBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.time = torch.nn.Linear(4, 8)
+        self.norm = torch.nn.GroupNorm(2, 8)
+
+    def forward(self, x, emb):
+        h = self.conv(x)
+        h = group_norm_silu(h, self.norm.weight, self.norm.bias, 2, self.norm.eps, self.time(emb), True)
+        return group_norm_silu(h, self.norm.weight, self.norm.bias, 2, self.norm.eps, None, False)
+
+
+def test_torch_compile_fullgraph(device):
+    torch.manual_seed(0)
+    block = _TinyBlock().to(device)
+    x = torch.randn(2, 1, 6, 6, device=device)
+    emb = torch.randn(2, 4, device=device)
+
+    def step(fn):
+        block.zero_grad()
+        out = fn(x, emb)
+        out.square().sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in block.parameters()]
+
+    eager = step(block)
+    compiled = step(torch.compile(block, fullgraph=True))
+    for a, b in zip(eager, compiled):
+        # Same Triton kernels in both; inductor only reorders the conv/linear/loss arithmetic.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

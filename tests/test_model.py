@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+
+from ddpm import config, model
+
+
+def test_seed_config_has_the_seed_parameter_count():
+    cfg = config.load("configs/mnist.yaml")
+    assert sum(p.numel() for p in model.build(cfg).parameters()) == 3_610_179
+
+
+def test_seed_structure():
+    net = model.build(config.load("configs/mnist.yaml"))
+    assert [type(m).__name__ for m in (net.mid_attn, *net.encoder_attn, *net.decoder_attn)] == \
+        ["SelfAttention", "Identity", "Identity", "Identity", "Identity"]
+    assert [(b.conv1.in_channels, b.conv2.out_channels) for b in net.encoder] == [(1, 64), (64, 128)]
+    assert [(b.conv1.in_channels, b.conv2.out_channels) for b in net.decoder] == [(256, 64), (128, 64)]
+    assert net.encoder[0].norm1.num_groups == 1 and net.mid1.norm2.num_groups == 8
+    assert [(d.kernel_size, d.stride) for d in net.down] == [((4, 4), (2, 2))] * 2
+
+
+@pytest.mark.parametrize("overrides, image_size", [
+    ([], 32),
+    (["model.channel_mults=[1,2,2,2]", "model.attention_resolutions=[16,4]", "model.num_heads=4"], 32),
+    (["model.base_channels=16", "model.time_embed_dim=32", "data.image_size=28"], 28),
+])
+def test_output_shape_matches_input(overrides, image_size):
+    cfg = config.load(None, ["model.base_channels=8", "model.time_embed_dim=16", *overrides])
+    net = model.build(cfg)
+    x = torch.randn(3, 1, image_size, image_size)
+    assert net(x, torch.tensor([0, 10, 999])).shape == x.shape
+
+
+def test_attention_placement_from_config():
+    cfg = config.load(None, ["model.base_channels=8", "model.channel_mults=[1,2,2,2]", "model.attention_resolutions=[16,4]"])
+    net = model.build(cfg)
+    kinds = [type(m).__name__ for m in net.encoder_attn]
+    assert kinds == ["Identity", "SelfAttention", "Identity"]  # resolutions 32, 16, 8
+    assert type(net.mid_attn).__name__ == "SelfAttention"    # 4x4 bottleneck
+    assert [type(m).__name__ for m in net.decoder_attn] == ["Identity", "SelfAttention", "Identity"]
+
+
+def test_sinusoidal_embedding_is_the_seeds_formula():
+    emb = model.SinusoidalTimeEmbedding(256)
+    t = torch.tensor([0, 1, 500, 999])
+    i = torch.arange(128, dtype=torch.float64)
+    angles = t[:, None].double() * torch.exp(-math.log(10000) * i / 128)[None]
+    torch.testing.assert_close(emb(t).double(), torch.cat([angles.sin(), angles.cos()], 1), atol=1e-4, rtol=0)
+
+
+def test_group_count_rule():
+    assert [model.num_groups(c) for c in (1, 2, 6, 12, 64, 256)] == [1, 2, 2, 4, 8, 8]
+
+
+def test_attention_backends_compute_the_same():
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 3 * 16, 10)
+    from kernels import reference
+    for heads in (1, 4):
+        torch.testing.assert_close(reference.attention_sdpa(qkv, heads), reference.attention(qkv, heads))

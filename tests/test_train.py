@@ -1,0 +1,138 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm import checkpoint, config
+from ddpm.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ci_config(out_dir, *overrides):
+    return config.load(ROOT / "configs/ci.yaml", [f"train.out_dir={out_dir}", *overrides])
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, program):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) >= 1
+    assert lines[-1].startswith(f"{program}: error: "), result.stderr
+    return lines[-1]
+
+
+def test_checkpoint_round_trip(tmp_path):
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=2"), progress=False)
+    state = checkpoint.load(ckpt)
+    assert state["step"] == 2 and config.diff(checkpoint.config_of(state, ckpt), ci_config(tmp_path / "run", "train.steps=2")) == []
+    from ddpm.sample import load_model
+    net, cfg, step = load_model(ckpt, "cpu", use_ema=False)
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, state["model"][name])
+    assert not list(tmp_path.glob("run/.*tmp*"))  # the atomic write left no temporary file
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    straight = checkpoint.load(train(ci_config(tmp_path / "a", "train.steps=6", "train.checkpoint_every=3",
+                                               "train.warmup_steps=4", "train.grad_clip=0.5"), progress=False))
+    train(ci_config(tmp_path / "b", "train.steps=3", "train.warmup_steps=4", "train.grad_clip=0.5"), progress=False)
+    resumed = checkpoint.load(train(ci_config(tmp_path / "b", "train.steps=6", "train.warmup_steps=4",
+                                              "train.grad_clip=0.5"), resume=True, progress=False))
+    assert resumed["step"] == straight["step"] == 6
+    for key in ("model", "ema"):
+        for name, value in straight[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(straight["ema_n_averaged"], resumed["ema_n_averaged"])
+
+
+def test_resume_refuses_other_settings_and_missing_runs(tmp_path):
+    from ddpm.config import UserError
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(ci_config(tmp_path / "r"), resume=True, progress=False)
+    train(ci_config(tmp_path / "r", "train.steps=1"), progress=False)
+    with pytest.raises(UserError, match=r"other settings \(train.lr\)"):
+        train(ci_config(tmp_path / "r", "train.steps=2", "train.lr=0.5"), resume=True, progress=False)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(ci_config(tmp_path / "r", "train.steps=2"), progress=False)
+    assert checkpoint.load(train(ci_config(tmp_path / "r", "train.steps=2"), overwrite=True, progress=False))["step"] == 2
+
+
+def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/ci.yaml", "--no-progress",
+                             f"train.out_dir={out}", "train.steps=100000", "train.log_every=1"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until training runs
+        if line.startswith("step 2/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    step = checkpoint.load(out / "checkpoint.pt")["step"]
+    assert step >= 2
+    result = run_cli("train.py", "--config", "configs/ci.yaml", "--no-progress", "--resume",
+                     f"train.out_dir={out}", f"train.steps={step + 2}")
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == step + 2
+
+
+def test_sample_cli_writes_grid_gif_and_forward_figure(tmp_path):
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=2"), progress=False)
+    out = tmp_path / "pictures"
+    result = run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(out), "--n", "4", "--sampler", "ddim", "--steps", "5")
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+    grid = Image.open(out / "samples.png")
+    assert grid.size == (2 * 34 + 2, 2 * 34 + 2)
+    gif = Image.open(out / "denoising.gif")
+    assert gif.n_frames == 6  # x_T and one frame per step, ending at t = 0
+    assert Image.open(out / "forward.png").size[0] > 10 * 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/ci.yaml", "train.batch_size=0"], "train.batch_size must be >= 1"),
+    (["--config", "configs/ci.yaml", "train.nope=1"], "unknown config key 'train.nope'"),
+    (["--config", "configs/ci.yaml", "diffusion.timesteps=0"], "diffusion.timesteps must be >= 1"),
+    (["--config", "configs/missing.yaml"], "does not exist"),
+    (["--config", "configs/ci.yaml", "data.source=idx", "data.dir=/nonexistent"], "no train-images-idx3-ubyte"),
+])
+def test_train_cli_bad_input(args, message, tmp_path):
+    line = assert_one_line_error(run_cli("train.py", *args, f"train.out_dir={tmp_path / 'x'}"), "train.py")
+    assert message in line
+
+
+def test_train_cli_refuses_an_occupied_out_dir(tmp_path):
+    train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    line = assert_one_line_error(run_cli("train.py", "--config", "configs/ci.yaml", f"train.out_dir={tmp_path / 'run'}"), "train.py")
+    assert "already holds a run" in line and "--resume" in line
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before  # no lost work
+
+
+def test_sample_cli_bad_checkpoints(tmp_path):
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
+    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path)), "sample.py")
+    assert "does not exist" in line
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ckpt.read_bytes()[:5000])
+    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(truncated), "--out", str(tmp_path)), "sample.py")
+    assert "truncated" in line
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["model"]["base_channels"] = 16
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(state, mismatched)
+    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(mismatched), "--out", str(tmp_path)), "sample.py")
+    assert "does not match the model" in line
+    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path), "--n", "0"), "sample.py")
+    assert "--n" in line
