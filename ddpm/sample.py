@@ -7,7 +7,8 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from ddpm import checkpoint, model as model_lib
-from ddpm.diffusion import Diffusion
+from ddpm.diffusion import Diffusion, SamplerPlan
+from ddpm.runtime import compile_model, precision_dtype
 
 
 def load_model(ckpt_path, device, use_ema: bool = True):
@@ -17,6 +18,52 @@ def load_model(ckpt_path, device, use_ema: bool = True):
     net = model_lib.build(cfg, device)
     checkpoint.load_weights(net, state["ema" if use_ema else "model"], ckpt_path)
     return net.eval(), cfg, state["step"]
+
+
+class FastStep:
+    """The denoising step as one compiled region (the UNet under autocast, then the whole update
+    fused by inductor) and, on CUDA, captured once in a CUDA graph and replayed for every step.
+    The step index is a device tensor, so one graph serves all steps of a plan (DDPM or DDIM)."""
+
+    def __init__(self, net, plan: SamplerPlan, clip_x0: bool, device, precision="auto", compile="auto",
+                 cuda_graph="auto"):
+        device = torch.device(device)
+        dtype = precision_dtype(precision, device)
+
+        def body(i, x, noise):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                return Diffusion.denoise(net, plan, i, x, noise, clip_x0)
+
+        self.body = compile_model(body, compile, device)
+        self.indices = torch.arange(len(plan.timesteps), device=device)
+        self.use_graph = cuda_graph == "enabled" or (cuda_graph == "auto" and device.type == "cuda")
+        if self.use_graph and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.graph = None
+
+    def _capture(self, x, noise):
+        self.static_i, self.static_x, self.static_noise = self.indices[0].clone(), x.clone(), noise.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (and compilation) off the capture
+            for _ in range(3):
+                self.body(self.static_i, self.static_x.clone(), self.static_noise)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_x.copy_(self.body(self.static_i, self.static_x, self.static_noise))
+
+    def __call__(self, i: int, x, noise):
+        if not self.use_graph:
+            return self.body(self.indices[i], x, noise)
+        if self.graph is None:
+            self._capture(x, noise)
+        self.static_i.copy_(self.indices[i])
+        self.static_noise.copy_(noise)
+        if x is not self.static_x:
+            self.static_x.copy_(x)
+        self.graph.replay()
+        return self.static_x
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +99,10 @@ def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, g
     plan = diffusion.plan(cfg.sample)
     generator = torch.Generator(device).manual_seed(seed)
     keep_every = max(1, len(plan.timesteps) // gif_frames)
+    s = cfg.sample
+    step = FastStep(net, plan, s.clip_x0, device, s.precision, s.compile, s.cuda_graph)
     x, frames = diffusion.sample(net, (num_images, 1, cfg.data.image_size, cfg.data.image_size), plan,
-                                 cfg.sample.clip_x0, generator, keep_every)
+                                 s.clip_x0, generator, keep_every, step)
     paths = {"grid": out_dir / "samples.png", "gif": out_dir / "denoising.gif", "forward": out_dir / "forward.png"}
     save_image(to_unit(x).cpu(), paths["grid"], nrow=int(num_images ** 0.5 + 0.5), padding=2, pad_value=1.0)
     save_gif(frames, paths["gif"])

@@ -1,6 +1,5 @@
 """The training loop: resident data -> UNet -> epsilon MSE -> Adam -> EMA, with checkpoints,
 TensorBoard logs and a progress bar. Counted in optimizer steps; resumable to the same weights."""
-import os
 import shutil
 import signal
 import sys
@@ -15,6 +14,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from ddpm import checkpoint, config as config_lib, data, distributed, model as model_lib
+from ddpm.runtime import compile_model, precision_dtype, resolve_device, resolve_precision
 from ddpm.config import UserError
 from ddpm.diffusion import Diffusion
 from ddpm.sample import to_unit
@@ -27,14 +27,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 class RunDirError(UserError):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but this machine has no CUDA device; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 def prepare_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
@@ -67,30 +59,6 @@ def make_ema(net: torch.nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
 
 
-def precision_dtype(precision: str, device: torch.device):
-    """The autocast dtype for train.precision, or None for fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UserError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 "
-                        f"(compute capability < 8.0, e.g. a T4): use train.precision=fp16")
-    return torch.float16 if precision == "fp16" else torch.bfloat16
-
-
-def compile_model(net: torch.nn.Module, mode: str):
-    """net itself, or its torch.compile'd forward (one graph: a break would be a bug). Inductor's
-    artifacts are cached in the user's cache dir unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
-    if mode == "none":
-        return net
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-    return torch.compile(net, mode=mode, fullgraph=True)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("DDPM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm-mnist"
-    return Path(root)
-
-
 class Trainer:
     """Everything one optimizer step touches. train() and the benchmarks drive this same object.
 
@@ -113,9 +81,9 @@ class Trainer:
         self.noise_gen = torch.Generator(self.device).manual_seed(t.seed + 1)
         self.autocast_dtype = precision_dtype(t.precision, self.device)
         # fp16 needs loss scaling; with the fused Adam the scaler's inf check stays on the device.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=resolve_precision(t.precision, self.device) == "fp16")
         # compile first, then DDP around it (as nanoGPT does): one graph, DDP's hooks on the same parameters
-        self.forward = compile_model(self.net, t.compile)
+        self.forward = compile_model(self.net, t.compile, self.device)
         if world_size > 1:
             self.forward = DistributedDataParallel(
                 self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,

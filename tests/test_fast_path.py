@@ -81,3 +81,17 @@ def test_compiled_triton_unet_is_one_graph_and_matches_eager():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     for n, p in net.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_compiled_sampling_step_matches_the_eager_loop(sampler):
+    from ddpm.sample import FastStep
+    cfg = config.load("configs/ci.yaml", [f"sample.sampler={sampler}", "diffusion.timesteps=20", "sample.steps=5"])
+    torch.manual_seed(0)
+    net = model.build(cfg).eval()
+    d = Diffusion.from_config(cfg.diffusion)
+    plan = d.plan(cfg.sample)
+    expected, _ = d.sample(net, (2, 1, 32, 32), plan, True, torch.Generator().manual_seed(1))
+    fast = FastStep(net, plan, True, "cpu", precision="fp32", compile="default", cuda_graph="auto")
+    out, _ = d.sample(net, (2, 1, 32, 32), plan, True, torch.Generator().manual_seed(1), step=fast)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

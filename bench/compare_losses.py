@@ -1,0 +1,84 @@
+"""Train the same run twice from the same seed, eager fp32 and the default (fastest) path, and
+compare their losses; optionally score both with ddpm.eval.
+
+    python -m bench.compare_losses --steps 2000 [--config configs/mnist.yaml] [--eval-samples 2000] [--out DIR]
+
+Real digits when the run's data source has them (the offline subset at least), so the losses mean
+something. Prints a table and writes loss_comparison.json (and .md) to --out.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.variants import EAGER
+from ddpm import config, data
+from ddpm.runtime import resolve_compile, resolve_precision
+from ddpm.train import Trainer
+
+
+def run(cfg, device, images, steps: int, window: int) -> dict:
+    trainer = Trainer(cfg, device, images)
+    losses = torch.zeros(steps, device=device)
+    start = time.perf_counter()
+    for step in range(steps):
+        losses[step] = trainer.step(step)
+    losses = losses.cpu()
+    seconds = time.perf_counter() - start
+    curve = losses[: steps // window * window].view(-1, window).mean(1)
+    return {"trainer": trainer, "curve": curve.tolist(), "final_loss": curve[-1].item(), "seconds": seconds,
+            "precision": resolve_precision(cfg.train.precision, device), "compile": resolve_compile(cfg.train.compile, device),
+            "kernels": cfg.model.kernels, "attention": cfg.model.attention}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/mnist.yaml")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--window", type=int, default=100, help="steps averaged per loss point")
+    parser.add_argument("--eval-samples", type=int, default=0, help="score both runs' EMA weights with ddpm.eval (0: skip)")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both runs")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = config.load(args.config, [*args.overrides, f"train.device={device.type}"])
+    digits = data.load_digits(base.data)
+    results = {}
+    for name, overrides in (("eager-fp32", EAGER), ("default", [])):
+        cfg = config.load(args.config, [*args.overrides, *overrides, f"train.device={device.type}"])
+        results[name] = run(cfg, device, digits.images, args.steps, min(args.window, args.steps))
+        if args.eval_samples:
+            from ddpm import eval as eval_lib
+            scores = eval_lib.evaluate(results[name]["trainer"].ema.module.eval(), cfg, device,
+                                       num_samples=args.eval_samples, progress=False)
+            results[name]["eval"] = scores
+        del results[name]["trainer"]
+    eager, fast = results["eager-fp32"], results["default"]
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "data": digits.description,
+              "steps": args.steps, "batch": base.train.batch_size, "runs": results,
+              "relative_final_loss_difference": (fast["final_loss"] - eager["final_loss"]) / eager["final_loss"],
+              "speedup": eager["seconds"] / fast["seconds"]}
+    lines = [f"# Same seed, {args.steps} steps at batch {base.train.batch_size} on {report['device']}, {digits.description}",
+             "", "| run | precision | compile | kernels | attention | final loss (mean of last window) | seconds |"
+             + (" FD | KID | recognizable | floor FD |" if args.eval_samples else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|---|---|" if args.eval_samples else "")]
+    for name, r in results.items():
+        row = (f"| {name} | {r['precision']} | {r['compile']} | {r['kernels']} | {r['attention']} | "
+               f"{r['final_loss']:.5f} | {r['seconds']:.1f} |")
+        if "eval" in r:
+            e = r["eval"]
+            row += f" {e.get('fd', float('nan')):.3f} | {e.get('kid', float('nan')):.4f} | {e.get('recognizable', float('nan')):.3f} | {e.get('floor_fd', float('nan')):.3f} |"
+        lines.append(row)
+    lines += ["", f"relative final-loss difference (default vs eager): {report['relative_final_loss_difference']:+.2%}; "
+                  f"speed-up of the whole run: {report['speedup']:.2f}x"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loss_comparison.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "loss_comparison.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The benchmark runner: pytest + pytest-benchmark, one results table at the end.
+
+`make bench` runs `pytest bench`. Each benchmark records rows through the `record` fixture; at the
+end of the session the rows are printed as one table and written to bench/results/<device>.json
+and .md. Without a GPU the suite runs its quick version (small shapes, few repeats).
+"""
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see tests/conftest.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+RESULTS_DIR = Path(__file__).parent / "results"
+ROWS: list[dict] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-size", choices=("auto", "quick", "full"), default="auto",
+                     help="quick: small shapes, few repeats (the default without a GPU); full: the default on a GPU")
+    parser.addoption("--bench-out", default=None, help="directory for <device>.json/.md (default: bench/results)")
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def quick(request, device):
+    size = request.config.getoption("--bench-size")
+    return size == "quick" or (size == "auto" and device.type != "cuda")
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "cpu")
+    return f"CPU {os.cpu_count()} cores ({cpu})"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def environment(device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+@pytest.fixture(scope="session")
+def record():
+    """record(kind=..., variant=..., **fields): one result row (kind: train, sample, kernel, input, peak, flops)."""
+    def add(**row):
+        ROWS.append(row)
+    return add
+
+
+BASELINES = {"train": {"eager-fp32"}, "sample": {"eager-fp32"}, "kernel": {"eager", "torch"}}
+
+
+def speedups(rows: list[dict]) -> None:
+    """Each timed row's speed-up over its baseline (eager fp32; for kernels the eager PyTorch form)
+    with the same kind, workload, batch and, for kernels, dtype."""
+    def key(r):
+        return r["kind"], r.get("workload"), r.get("batch"), r.get("precision") if r["kind"] == "kernel" else None
+    base = {key(r): r["median_ms"] for r in rows if r.get("variant") in BASELINES.get(r["kind"], ()) and "median_ms" in r}
+    for r in rows:
+        if key(r) in base and "median_ms" in r:
+            r["speedup_vs_eager"] = round(base[key(r)] / r["median_ms"], 3)
+
+
+COLUMNS = ["kind", "workload", "variant", "batch", "precision", "median_ms", "spread_ms", "images_per_s",
+           "speedup_vs_eager", "gflop_per_s", "fraction_of_peak", "gb_per_s", "note"]
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    lines = [f"# Benchmarks on {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}, {env['date']}",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not ROWS:
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    speedups(ROWS)
+    rows = [{**r} for r in ROWS]
+    out_dir = Path(session.config.getoption("--bench-out") or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = slug(env["device"] if device.type == "cuda" else f"cpu-{os.cpu_count()}-cores")
+    (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
+    table = markdown(env, rows)
+    (out_dir / f"{name}.md").write_text(table)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        for line in table.splitlines():
+            reporter.write_line(line)
+        reporter.write_line(f"written: {out_dir / name}.json and .md")

@@ -1,0 +1,70 @@
+"""Profile training steps and sampling steps with torch.profiler.
+
+    python -m bench.profile [--config configs/mnist.yaml] [--train-steps 10] [--sample-steps 20]
+                            [--out runs/profile] [key=value ...]
+
+Traces go to OUT/tb (tensorboard_trace_handler), where `make tensorboard` shows them in the
+PyTorch Profiler tab (torch-tb-profiler, in the dev extra; deprecated upstream). The same
+*.pt.trace.json files open in Perfetto (ui.perfetto.dev) or chrome://tracing. The top operators
+of each phase are printed as a table.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+from ddpm import config, data
+from ddpm.sample import FastStep
+from ddpm.train import Trainer
+
+
+def trace(name: str, out: Path, steps: int, fn, device, sort_by: str) -> None:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    warmup = 2
+    write_trace = tensorboard_trace_handler(str(out / "tb"), worker_name=name)
+
+    def on_trace_ready(prof):
+        write_trace(prof)
+        print(f"\n== {name}: top operators over {steps} steps")
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
+
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps),
+                 on_trace_ready=on_trace_ready, record_shapes=True) as prof:
+        for i in range(warmup + steps):
+            fn(i)
+            prof.step()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/mnist.yaml")
+    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--out", default="runs/profile")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = config.load(args.config, [*args.overrides, f"train.device={device.type}"])
+    out = Path(args.out)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+    trainer = Trainer(cfg, device, data.load_digits(cfg.data).images)
+    trace("train", out, args.train_steps, trainer.step, device, sort_by)
+
+    net = trainer.ema.module.eval()
+    plan = trainer.diffusion.plan(cfg.sample)
+    s = cfg.sample
+    step = FastStep(net, plan, s.clip_x0, device, s.precision, s.compile, s.cuda_graph)
+    x = torch.randn(cfg.sample.num_images, 1, cfg.data.image_size, cfg.data.image_size, device=device)
+
+    @torch.inference_mode()
+    def sample_step(i):
+        step(i % len(plan.timesteps), x, torch.randn_like(x))
+
+    trace("sample", out, args.sample_steps, sample_step, device, sort_by)
+    print(f"\ntraces: {out / 'tb'} (make tensorboard -> PyTorch Profiler tab; or open the .pt.trace.json in Perfetto)")
+
+
+if __name__ == "__main__":
+    main()

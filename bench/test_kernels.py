@@ -1,0 +1,19 @@
+"""Kernel microbenchmarks: each Triton op against its PyTorch forms, GB/s against the copy peak."""
+import pytest
+
+from bench import bench_attention, bench_group_norm_silu
+from bench.common import measure_peaks
+
+
+@pytest.mark.parametrize("op", [bench_group_norm_silu, bench_attention], ids=["group_norm_silu", "attention"])
+def test_kernel(record, device, quick, op):
+    copy_gb_per_s = measure_peaks(device, quick=True)["copy_gb_per_s"]
+    for row in op.run(str(device), quick=quick):
+        extra = {}
+        if "gb_per_s" in row:
+            extra["fraction_of_peak"] = row["gb_per_s"] / copy_gb_per_s
+        if "tflops" in row:
+            extra["gflop_per_s"] = row["tflops"] * 1e3
+        record(kind="kernel", workload=f"{row['op']} {row['shape']} {row['pass']}", variant=row["variant"],
+               precision=str(row["dtype"]).removeprefix("torch."), median_ms=row["median_ms"], spread_ms=row["iqr_ms"],
+               **({"gb_per_s": row["gb_per_s"]} if "gb_per_s" in row else {}), **extra)

@@ -1,0 +1,43 @@
+"""The named variants the benchmarks compare: config overrides on top of a base config.
+
+The eager fp32 baseline is every switch off; each other variant turns some on. A new fast path
+joins the benchmarks by adding a line here.
+"""
+EAGER = ["model.kernels=torch", "model.attention=torch", "train.precision=fp32", "train.compile=none",
+         "data.loader=resident"]
+
+TRAIN = {
+    "eager-fp32": EAGER,  # the baseline
+    "seed-like": [*EAGER, "data.loader=dataloader"],
+    "eager-fp16": [*EAGER, "train.precision=fp16"],
+    "eager-bf16": [*EAGER, "train.precision=bf16"],
+    "eager-sdpa-bf16": [*EAGER, "train.precision=bf16", "model.attention=sdpa"],
+    "compiled-fp32": [*EAGER, "train.compile=default"],
+    "compiled-auto": [*EAGER, "train.compile=default", "train.precision=auto"],
+    "compiled-auto+triton": [*EAGER, "train.compile=default", "train.precision=auto", "model.kernels=triton",
+                             "model.attention=triton"],
+    "compiled-auto+triton+sdpa": [*EAGER, "train.compile=default", "train.precision=auto", "model.kernels=triton",
+                                  "model.attention=sdpa"],
+    "compiled-auto+triton+cudagraph": [*EAGER, "train.compile=reduce-overhead", "train.precision=auto",
+                                       "model.kernels=triton", "model.attention=triton"],
+    "default": [],  # what `make train` runs on this device (all "auto")
+}
+BASELINE = "eager-fp32"
+
+SAMPLE_EAGER = ["model.kernels=torch", "model.attention=torch", "sample.precision=fp32", "sample.compile=none",
+                "sample.cuda_graph=disabled"]
+SAMPLE = {
+    "eager-fp32": SAMPLE_EAGER,
+    "compiled-fp32": [*SAMPLE_EAGER, "sample.compile=default"],
+    "compiled-auto": [*SAMPLE_EAGER, "sample.compile=default", "sample.precision=auto"],
+    "compiled-auto+cudagraph": [*SAMPLE_EAGER, "sample.compile=default", "sample.precision=auto",
+                                "sample.cuda_graph=enabled"],
+    "compiled-auto+cudagraph+triton": [*SAMPLE_EAGER, "sample.compile=default", "sample.precision=auto",
+                                       "sample.cuda_graph=enabled", "model.kernels=triton", "model.attention=triton"],
+    "default": [],
+}
+
+# Variants that need a GPU (CUDA graphs, bf16 autocast speed is meaningless on CPU, Triton would run
+# in the interpreter) are skipped by the quick CPU run.
+GPU_ONLY = {"eager-bf16", "eager-sdpa-bf16", "compiled-auto+triton", "compiled-auto+triton+sdpa",
+            "compiled-auto+triton+cudagraph", "compiled-auto+cudagraph", "compiled-auto+cudagraph+triton"}

@@ -1,0 +1,60 @@
+"""How the model runs on this machine: device, autocast precision, torch.compile, cache dir.
+Shared by training, sampling and evaluation; "auto" settings resolve here."""
+import os
+from pathlib import Path
+
+import torch
+
+from ddpm.config import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name} requested but this machine has no CUDA device; use cpu or auto")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on GPUs that have it, fp16 on older ones (a T4), fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def precision_dtype(precision: str, device: torch.device):
+    """The autocast dtype for a precision setting, or None for fp32."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return None
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(f"bf16 requested but {torch.cuda.get_device_name(device)} has no bf16 (compute capability "
+                        f"< 8.0, e.g. a T4): use fp16")
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def resolve_compile(mode: str, device: torch.device) -> str:
+    """auto: inductor's default mode on CUDA, eager on CPU (compiling costs more than it saves there)."""
+    if mode != "auto":
+        return mode
+    return "default" if device.type == "cuda" else "none"
+
+
+def compile_model(fn, mode: str, device: torch.device):
+    """fn itself, or torch.compile(fn) as one graph (a graph break is a bug: fullgraph=True).
+    Inductor's artifacts are cached in the user's cache dir unless TORCHINDUCTOR_CACHE_DIR is set."""
+    mode = resolve_compile(mode, device)
+    if mode == "none":
+        return fn
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return torch.compile(fn, mode=mode, fullgraph=True)
+
+
+def cache_dir() -> Path:
+    """$DDPM_CACHE_DIR, else $XDG_CACHE_HOME/ddpm-mnist, else ~/.cache/ddpm-mnist."""
+    if os.environ.get("DDPM_CACHE_DIR"):
+        return Path(os.environ["DDPM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm-mnist"
