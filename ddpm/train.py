@@ -14,14 +14,18 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from ddpm import checkpoint, config as config_lib, data, distributed, model as model_lib
-from ddpm.runtime import compile_model, precision_dtype, resolve_device, resolve_precision
 from ddpm.config import UserError
+from ddpm.runtime import compile_model, precision_dtype, resolve_device, resolve_precision
 from ddpm.diffusion import Diffusion
 from ddpm.sample import to_unit
 
-# Keys a resumed run may change: how long it runs and how it reports, not what it computes.
+# Keys a resumed run may change: how long it runs, how it reports, and how it runs on this machine
+# (backends, precision, compilation, loader: the same math), not what it computes.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
-                     "train.device", "train.out_dir"}
+                     "train.eval_every", "train.device", "train.out_dir", "train.precision", "train.compile",
+                     "model.kernels", "model.attention", "data.loader", "sample.sampler", "sample.steps",
+                     "sample.eta", "sample.variance", "sample.clip_x0", "sample.num_images", "sample.precision",
+                     "sample.compile", "sample.cuda_graph"}
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -199,6 +203,11 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
             if world.is_main and t.sample_every and done % t.sample_every == 0:
                 x = sample_grid(trainer.ema.module, trainer.diffusion, cfg.data.image_size)
                 writer.add_image("samples/ema_ddim50", make_grid(to_unit(x).cpu(), nrow=4, pad_value=1.0), done)
+            if world.is_main and t.eval_every and done % t.eval_every == 0:
+                from ddpm.eval import quick_score  # torchmetrics only when asked for
+                for name, value in quick_score(trainer.ema.module, cfg, device).items():
+                    if isinstance(value, (int, float)):
+                        writer.add_scalar(f"eval/{name}", value, done)
             if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
                 checkpoint.save(trainer.state_dict(done), ckpt_path)
             if stop:

@@ -6,7 +6,7 @@ from ddpm import config, data, model
 from ddpm.diffusion import Diffusion
 from ddpm.train import Trainer
 
-STEPS = 150
+STEPS = 200
 
 
 @pytest.fixture(scope="module")

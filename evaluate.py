@@ -1,0 +1,106 @@
+"""Sample quality of a trained DDPM: python evaluate.py --ckpt RUN/checkpoint.pt [options]
+
+Draws --n samples (EMA weights) and scores them in the feature space of a small classifier that
+the project trains on the dataset's training split and caches ($DDPM_CACHE_DIR, else
+~/.cache/ddpm-mnist): Fréchet distance, KID, recognizability (share of samples whose top class
+probability exceeds 0.9) and the class histogram's total variation distance from uniform. Each
+score is printed beside its real-vs-real floor (training split vs test split, same count)."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ddpm import cli, config
+from ddpm.config import UserError
+from ddpm.eval import Scorer, check_sampling, evaluate
+from ddpm.runtime import resolve_compile, resolve_device, resolve_precision
+from ddpm.sample import load_model
+
+ROWS = [("fid", "Fréchet distance (lower is better)", "{:.3f}"),
+        ("kid", "KID (lower is better)", "{:.3f}"),
+        ("recognizable", "recognizable (top prob > 0.9)", "{:.1%}"),
+        ("class_tv", "class histogram TV from uniform", "{:.3f}")]
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def table(scores: dict) -> str:
+    n, floor_n = f"{scores['num_samples']:,} samples", f"real-vs-real floor ({scores['floor_num_samples']:,})"
+    lines = [f"| metric | {n} | {floor_n} |", "|---|---|---|"]
+    for key, name, fmt in ROWS:
+        value, floor = (fmt.format(scores[k]) for k in (key, f"floor_{key}"))
+        if key == "kid":  # mean ± std over torchmetrics' random subsets
+            value += f" ± {scores['kid_std']:.3f}"
+            floor += f" ± {scores['floor_kid_std']:.3f}"
+        lines.append(f"| {name} | {value} | {floor} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a checkpoint.pt written by train.py")
+    parser.add_argument("--n", type=positive, default=10_000, help="number of samples (default: %(default)s)")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
+                        help="ddim (default, fast) or ddpm (ancestral, all diffusion.timesteps steps)")
+    parser.add_argument("--steps", type=positive, default=50, help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive, default=500, help="samples per batch (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="sampling precision (default: the checkpoint config's, auto = bf16/fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--compile", choices=("auto", "none", "default", "max-autotune"),
+                        help="compile the denoising step (default: the config's, auto = on CUDA)")
+    parser.add_argument("--cuda-graph", choices=("auto", "enabled", "disabled"),
+                        help="replay the step as a CUDA graph (default: the config's, auto = on CUDA)")
+    parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--json", metavar="OUT.json", help="also write the scores and their settings as JSON")
+    parser.add_argument("--inception", action="store_true",
+                        help="Fréchet distance and KID on torchmetrics' InceptionV3 features (needs torch-fidelity "
+                             "and the network once for its weights); recognizability still uses the classifier")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+    with cli.user_errors("evaluate.py"):
+        device = resolve_device(args.device)
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise UserError(f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist")
+        net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
+        overrides = {k: v for k, v in {"precision": args.precision, "compile": args.compile,
+                                       "cuda_graph": args.cuda_graph}.items() if v is not None}
+        cfg = config.from_dict({**cfg.to_dict(), "sample": {**cfg.to_dict()["sample"], **overrides}})
+        check_sampling(cfg, args.n, args.sampler, args.steps, args.batch_size)
+        scorer = Scorer(cfg.data, device, args.n, inception=args.inception, progress=not args.no_progress)
+        scores = evaluate(net, cfg, device, args.n, args.sampler, args.steps, args.batch_size, args.seed,
+                          progress=not args.no_progress, scorer=scorer)
+        steps = args.steps if args.sampler == "ddim" else cfg.diffusion.timesteps
+        precision = resolve_precision(cfg.sample.precision, device)
+        compiled = resolve_compile(cfg.sample.compile, device)
+        print(f"{args.ckpt} (step {step}, {'raw' if args.raw_weights else 'EMA'} weights), "
+              f"{args.sampler.upper()}-{steps} in {precision}, compile {compiled}, seed {args.seed}, "
+              f"on {device}: {scores['seconds']:.0f} s")
+        print(table(scores))
+        print(f"features: {scorer.feature_extractor}; not comparable with published Inception FIDs"
+              if not args.inception else f"features: {scorer.feature_extractor}")
+        print(f"real images: {scorer.description}; reference {scores['num_reference']:,}")
+        if scores["floor_num_samples"] < scores["num_samples"]:
+            print(f"note: the floor uses all {scores['floor_num_samples']:,} held-out images, fewer than the samples; "
+                  f"Fréchet distances grow as sets shrink, so the floor is a little pessimistic")
+        if args.json:
+            record = {"checkpoint": str(args.ckpt), "step": step, "sampler": args.sampler, "steps": steps,
+                      "precision": precision, "compile": compiled,
+                      "cuda_graph": cfg.sample.cuda_graph == "enabled" or (cfg.sample.cuda_graph == "auto" and device.type == "cuda"),
+                      "device": str(device), "seed": args.seed, "weights": "raw" if args.raw_weights else "ema",
+                      "features": scorer.feature_extractor, "real": scorer.description, "scores": scores}
+            try:
+                Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+            except OSError as e:
+                print(f"evaluate.py: error: cannot write {args.json} ({e.strerror})", file=sys.stderr)
+                sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Sample-quality evaluation: the classifier cache, metrics that tell real digits from noise,
+evaluate() on a tiny checkpoint, and the CLI's bad-input paths. On the offline MNIST subset with a
+classifier trained for a few dozen steps, so that the file runs in well under a minute on a CPU."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm import config, eval as ev
+from ddpm.config import ConfigError
+from ddpm.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+QUICK_STEPS = 120  # classifier steps for the tests: ~95% held-out accuracy on the offline subset
+
+
+def ci_config(out_dir, *overrides):
+    return config.load(ROOT / "configs/ci.yaml", [f"train.out_dir={out_dir}", *overrides])
+
+
+def run_cli(*args, cache_dir=None):
+    env = {**os.environ, **({"DDPM_CACHE_DIR": str(cache_dir)} if cache_dir else {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def assert_one_line_error(result, program):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{program}: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache dir holding a quickly trained offline-subset classifier, for the whole module."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDPM_CACHE_DIR", str(path))
+        ev.get_classifier(ci_config(path).data, "cpu", steps=QUICK_STEPS)
+        yield path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return train(ci_config(tmp_path_factory.mktemp("run") / "ci", "train.steps=2"), progress=False)
+
+
+def test_classifier_cache_round_trip_and_corrupt_file(cache, tmp_path, monkeypatch):
+    data_cfg = ci_config(tmp_path).data
+    path = ev.classifier_path("mnist-offline_subset", data_cfg)
+    assert path == cache / "classifier-mnist-offline_subset.pt" and path.is_file()
+    state = torch.load(path, weights_only=True)
+    assert state["key"] == "mnist-offline_subset" and state["accuracy"] > 0.8, state["accuracy"]
+    monkeypatch.setattr(ev, "train_classifier", lambda *a, **k: pytest.fail("a cached classifier was retrained"))
+    net = ev.get_classifier(data_cfg, "cpu")
+    assert all(torch.equal(v, state["weights"][k]) for k, v in net.state_dict().items())
+
+    monkeypatch.undo()
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
+    (tmp_path / "classifier-mnist-offline_subset.pt").write_bytes(b"not a checkpoint")
+    messages = []
+    ev.get_classifier(data_cfg, "cpu", steps=3, log=messages.append)
+    assert "is unusable" in messages[0] and "retraining" in messages[0]
+    assert torch.load(tmp_path / "classifier-mnist-offline_subset.pt", weights_only=True)["steps"] == 3
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("DDPM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert ev.cache_dir() == tmp_path / "ddpm-mnist"
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "x"))
+    assert ev.cache_dir() == tmp_path / "x"
+    data = config.load(None, ["data.resize=pad"]).data
+    assert ev.classifier_path("mnist-full", data).name == "classifier-mnist-full-pad32.pt"
+
+
+def test_metrics_tell_real_digits_from_noise(cache, tmp_path):
+    scorer = ev.Scorer(ci_config(tmp_path).data, "cpu", 400)
+    real = scorer.floor  # held-out half B against reference half A: disjoint real digits
+    noise = scorer.score([torch.randn(400, 1, 32, 32, generator=torch.Generator().manual_seed(0))])
+    assert real["num"] == noise["num"] == 400
+    assert noise["fid"] > 20 * max(real["fid"], 1e-3), (real, noise)
+    assert noise["kid"] > 20 * max(real["kid"], 1e-3 * noise["kid"]), (real, noise)
+    assert real["recognizable"] > 0.6 and noise["recognizable"] < 0.2, (real, noise)
+    assert real["class_tv"] < 0.1
+
+
+def test_class_histogram_distance():
+    assert ev.class_histogram_tv(torch.arange(10).repeat(50)) == pytest.approx(0.0, abs=1e-12)
+    assert ev.class_histogram_tv(torch.full((300,), 7)) == pytest.approx(0.9)
+
+
+def test_evaluate_a_tiny_checkpoint(cache, ckpt):
+    from ddpm.sample import load_model
+    net, cfg, _ = load_model(ckpt, "cpu")
+    rng = torch.random.get_rng_state()
+    scores = ev.evaluate(net, cfg, "cpu", num_samples=24, sampler="ddim", steps=3, batch_size=10, progress=False)
+    keys = {"fid", "kid", "kid_std", "recognizable", "class_tv"}
+    assert keys | {f"floor_{k}" for k in keys} | {"num_samples", "floor_num_samples"} <= set(scores)
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores.values()), scores
+    assert scores["num_samples"] == scores["floor_num_samples"] == 24
+    ddpm = ev.evaluate(net, cfg, "cpu", num_samples=6, sampler="ddpm", batch_size=4, progress=False)  # 4 + 2
+    assert ddpm["num_samples"] == 6 and all(math.isfinite(v) for v in ddpm.values())
+    quick = ev.quick_score(net, cfg, "cpu", num_samples=8)
+    assert set(quick) == set(scores) and all(math.isfinite(v) for v in quick.values())
+    assert torch.equal(rng, torch.random.get_rng_state())  # training's RNG stream is left alone
+
+
+def test_evaluate_cli_writes_table_and_json(cache, ckpt, tmp_path):
+    out = tmp_path / "scores.json"
+    result = run_cli("evaluate.py", "--ckpt", str(ckpt), "--n", "16", "--steps", "2", "--batch-size", "8",
+                     "--no-progress", "--json", str(out), cache_dir=cache)
+    assert result.returncode == 0, result.stderr
+    assert "real-vs-real floor" in result.stdout and "Fréchet distance" in result.stdout
+    assert json.loads(out.read_text())["scores"]["num_samples"] == 16
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "missing/checkpoint.pt"], "does not exist"),
+    (["--ckpt", "CKPT", "--steps", "500"], "DDIM steps must lie in [1, diffusion.timesteps=100]"),
+    (["--ckpt", "CKPT", "--json", "/nonexistent/dir/x.json"], "does not exist"),
+])
+def test_evaluate_cli_bad_input(args, message, ckpt):
+    args = [str(ckpt) if a == "CKPT" else a for a in args]
+    assert message in assert_one_line_error(run_cli("evaluate.py", *args), "evaluate.py")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_samples": 1}, "at least 2 samples"),
+    ({"sampler": "euler"}, "sampler must be ddim or ddpm"),
+    ({"steps": 0}, "DDIM steps must lie in"),
+    ({"batch_size": 0}, "batch size must be >= 1"),
+])
+def test_evaluate_checks_its_arguments_before_any_work(kwargs, message, tmp_path):
+    from ddpm.config import UserError
+    args = {"num_samples": 10, "sampler": "ddim", "steps": 5, "batch_size": 5, **kwargs}
+    with pytest.raises(UserError, match=message):
+        ev.evaluate(None, ci_config(tmp_path), "cpu", **args)
+
+
+def test_evaluate_cli_inception_without_torch_fidelity(ckpt):
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed: --inception would try to download its weights")
+    line = assert_one_line_error(run_cli("evaluate.py", "--ckpt", str(ckpt), "--inception"), "evaluate.py")
+    assert "torch-fidelity" in line
+
+
+def test_train_eval_every_is_validated(tmp_path):
+    assert ci_config(tmp_path).train.eval_every == 0
+    with pytest.raises(ConfigError, match="train.eval_every must be >= 0"):
+        ci_config(tmp_path, "train.eval_every=-1")
