@@ -10,7 +10,8 @@ ARGS ?=
 NPROC ?= 1
 # one process per GPU under torchrun when NPROC > 1 (multi-node: see the README)
 TRAIN = $(if $(filter 1,$(NPROC)),$(PYTHON),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC)) train.py
-OUT_DIR = $(shell $(PYTHON) -c "from ddpm import config; print(config.load('$(1)').train.out_dir)")
+# the run dir a config and the key=value overrides in ARGS name
+OUT_DIR = $(shell $(PYTHON) -c "import sys; from ddpm import config; print(config.load(sys.argv[1], [a for a in sys.argv[2:] if '=' in a and not a.startswith('-')]).train.out_dir)" $(1) $(ARGS) 2>/dev/null)
 # A run dir that already holds a checkpoint is continued, never replaced.
 RESUME_IF_PRESENT = $(if $(wildcard $(1)/checkpoint.pt),--resume)
 
@@ -32,8 +33,8 @@ train: setup
 	$(TRAIN) --config $(CONFIG) $(call RESUME_IF_PRESENT,$(call OUT_DIR,$(CONFIG))) $(ARGS)
 
 demo: setup
-	$(TRAIN) --config configs/demo.yaml $(call RESUME_IF_PRESENT,runs/demo) $(ARGS)
-	$(PYTHON) sample.py --ckpt runs/demo/checkpoint.pt --out runs/demo/samples --n 64
+	$(TRAIN) --config configs/demo.yaml $(call RESUME_IF_PRESENT,$(call OUT_DIR,configs/demo.yaml)) $(ARGS)
+	$(PYTHON) sample.py --ckpt $(call OUT_DIR,configs/demo.yaml)/checkpoint.pt --out $(call OUT_DIR,configs/demo.yaml)/samples --n 64
 
 sample: setup
 	@test -n "$(CKPT)" || { echo "usage: make sample CKPT=runs/<run>/checkpoint.pt [OUT=dir] [ARGS='--sampler ddim --steps 50']"; exit 2; }
