@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ddpm import cli, config
+from ddpm import cli
 from ddpm.config import UserError
 from ddpm.eval import Scorer, check_sampling, evaluate
 from ddpm.runtime import resolve_compile, resolve_device, resolve_precision
@@ -20,13 +20,6 @@ ROWS = [("fid", "Fréchet distance (lower is better)", "{:.3f}"),
         ("kid", "KID (lower is better)", "{:.3f}"),
         ("recognizable", "recognizable (top prob > 0.9)", "{:.1%}"),
         ("class_tv", "class histogram TV from uniform", "{:.3f}")]
-
-
-def positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def table(scores: dict) -> str:
@@ -44,19 +37,14 @@ def table(scores: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint.pt written by train.py")
-    parser.add_argument("--n", type=positive, default=10_000, help="number of samples (default: %(default)s)")
+    parser.add_argument("--n", type=cli.positive, default=10_000, help="number of samples (default: %(default)s)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
                         help="ddim (default, fast) or ddpm (ancestral, all diffusion.timesteps steps)")
-    parser.add_argument("--steps", type=positive, default=50, help="DDIM steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive, default=500, help="samples per batch (default: %(default)s)")
+    parser.add_argument("--steps", type=cli.positive, default=50, help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=cli.positive, default=500, help="samples per batch (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
-                        help="sampling precision (default: the checkpoint config's, auto = bf16/fp16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--compile", choices=("auto", "none", "default", "max-autotune"),
-                        help="compile the denoising step (default: the config's, auto = on CUDA)")
-    parser.add_argument("--cuda-graph", choices=("auto", "enabled", "disabled"),
-                        help="replay the step as a CUDA graph (default: the config's, auto = on CUDA)")
+    cli.add_sampling_runtime_args(parser)
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--json", metavar="OUT.json", help="also write the scores and their settings as JSON")
     parser.add_argument("--inception", action="store_true",
@@ -69,9 +57,7 @@ def main():
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise UserError(f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist")
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
-        overrides = {k: v for k, v in {"precision": args.precision, "compile": args.compile,
-                                       "cuda_graph": args.cuda_graph}.items() if v is not None}
-        cfg = config.from_dict({**cfg.to_dict(), "sample": {**cfg.to_dict()["sample"], **overrides}})
+        cfg = cli.with_sample_overrides(cfg, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph)
         check_sampling(cfg, args.n, args.sampler, args.steps, args.batch_size)
         scorer = Scorer(cfg.data, device, args.n, inception=args.inception, progress=not args.no_progress)
         scores = evaluate(net, cfg, device, args.n, args.sampler, args.steps, args.batch_size, args.seed,

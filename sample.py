@@ -6,31 +6,22 @@ import argparse
 
 import torch
 
-from ddpm import cli, config
-from ddpm.sample import load_model, write_samples
+from ddpm import cli
 from ddpm.runtime import resolve_device
-
-
-def positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from ddpm.sample import load_model, write_samples
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint.pt written by train.py")
     parser.add_argument("--out", required=True, help="directory for the pictures")
-    parser.add_argument("--n", type=positive, default=64, help="number of images (default: %(default)s)")
+    parser.add_argument("--n", type=cli.positive, default=64, help="number of images (default: %(default)s)")
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the checkpoint config's (ddpm)")
-    parser.add_argument("--steps", type=positive, help="DDIM steps (default: the config's, 50)")
+    parser.add_argument("--steps", type=cli.positive, help="DDIM steps (default: the config's, 50)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default: 0, deterministic)")
     parser.add_argument("--variance", choices=("beta", "posterior"), help="DDPM sigma_t^2 (default: beta)")
     parser.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="default: auto (bf16/fp16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--compile", choices=("auto", "none", "default", "max-autotune"), help="compile the denoising step (default: auto = on CUDA)")
-    parser.add_argument("--cuda-graph", choices=("auto", "enabled", "disabled"), help="replay the step as a CUDA graph (default: auto = on CUDA)")
+    cli.add_sampling_runtime_args(parser)
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -38,12 +29,9 @@ def main():
     with cli.user_errors("sample.py"):
         device = resolve_device(args.device)
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
-        overrides = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
-                                       "variance": args.variance, "precision": args.precision, "compile": args.compile,
-                                       "cuda_graph": args.cuda_graph}.items() if v is not None}
-        if args.no_clip:
-            overrides["clip_x0"] = False
-        cfg = config.from_dict({**cfg.to_dict(), "sample": {**cfg.to_dict()["sample"], **overrides}})
+        cfg = cli.with_sample_overrides(cfg, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                        variance=args.variance, clip_x0=False if args.no_clip else None,
+                                        precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph)
         with torch.inference_mode():
             paths = write_samples(net, cfg, args.out, device, args.n, args.seed)
         print(f"{cfg.sample.sampler} samples from step {step}: " + ", ".join(str(p) for p in paths.values()))
