@@ -26,6 +26,20 @@ def pytest_addoption(parser):
     parser.addoption("--bench-size", choices=("auto", "quick", "full"), default="auto",
                      help="quick: small shapes, few repeats (the default without a GPU); full: the default on a GPU")
     parser.addoption("--bench-out", default=None, help="directory for <device>.json/.md (default: bench/results)")
+    parser.addoption("--bench-variants", default=None,
+                     help="comma-separated variant names to run (default: all in bench/variants.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("--bench-variants")
+    if not wanted:
+        return
+    wanted = set(wanted.split(","))
+    skip = pytest.mark.skip(reason="not in --bench-variants")
+    for item in items:
+        variant = getattr(item, "callspec", None) and item.callspec.params.get("variant")
+        if variant is not None and variant not in wanted:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -68,10 +82,12 @@ def environment(device) -> dict:
 
 
 @pytest.fixture(scope="session")
-def record():
-    """record(kind=..., variant=..., **fields): one result row (kind: train, sample, kernel, input, peak, flops)."""
+def record(request):
+    """record(kind=..., variant=..., **fields): one result row (kind: train, sample, kernel, input, peak).
+    The results files are rewritten after every row, so a run cut short keeps what it measured."""
     def add(**row):
         ROWS.append(row)
+        write_results(request.config)
     return add
 
 
@@ -109,22 +125,27 @@ def _fmt(v):
     return str(v)
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if not ROWS:
-        return
+def write_results(config) -> tuple[Path, str]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
-    speedups(ROWS)
     rows = [{**r} for r in ROWS]
-    out_dir = Path(session.config.getoption("--bench-out") or RESULTS_DIR)
+    speedups(rows)
+    out_dir = Path(config.getoption("--bench-out") or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = slug(env["device"] if device.type == "cuda" else f"cpu-{os.cpu_count()}-cores")
     (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
     table = markdown(env, rows)
     (out_dir / f"{name}.md").write_text(table)
+    return out_dir / name, table
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not ROWS:
+        return
+    path, table = write_results(session.config)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line("")
         for line in table.splitlines():
             reporter.write_line(line)
-        reporter.write_line(f"written: {out_dir / name}.json and .md")
+        reporter.write_line(f"written: {path}.json and .md")
