@@ -7,11 +7,11 @@ Without a GPU the Triton variant runs in the interpreter (~3 ms per program): us
 import argparse
 import os
 
-# The interpreter must be chosen before triton is first imported (same rule as tests/conftest.py).
-if not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (does not import triton)
 
-import torch  # noqa: E402
+# The interpreter must be chosen before triton is first imported (same rule as tests/conftest.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.timing import time_fn  # noqa: E402
 from kernels import reference  # noqa: E402

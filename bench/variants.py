@@ -44,5 +44,4 @@ GPU_ONLY = {"eager-bf16", "eager-sdpa-bf16", "compiled-auto+triton", "compiled-a
             "compiled-auto+triton+cudagraph", "compiled-auto+cudagraph", "compiled-auto+cudagraph+triton"}
 
 # What bench/gpu_check.sh measures within its time budget (each compiled variant costs a compile).
-GPU_CHECK = ["eager-fp32", "default", "seed-like", "eager-bf16", "eager-fp16", "compiled-auto",
-             "compiled-auto+triton", "compiled-auto+cudagraph"]
+GPU_CHECK = ["eager-fp32", "default", "eager-bf16", "eager-fp16", "compiled-auto+triton", "compiled-auto+cudagraph"]

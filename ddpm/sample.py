@@ -35,7 +35,8 @@ class FastStep:
                 return Diffusion.denoise(net, plan, i, x, noise, clip_x0)
 
         self.body = compile_model(body, compile, device)
-        self.indices = torch.arange(len(plan.timesteps), device=device)
+        # [S, 1]: indexing with a 1-element tensor is a device gather; a 0-d index would call .item()
+        self.indices = torch.arange(len(plan.timesteps), device=device).unsqueeze(1)
         self.use_graph = cuda_graph == "enabled" or (cuda_graph == "auto" and device.type == "cuda")
         if self.use_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")

@@ -58,9 +58,26 @@ def prepare_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
     return None
 
 
-def make_ema(net: torch.nn.Module, decay: float) -> AveragedModel:
-    # use_buffers=False: buffers (the sinusoid frequencies) are copied, never averaged
-    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+class EMA(AveragedModel):
+    """torch's AveragedModel with its EMA rule (get_ema_multi_avg_fn), updated without waiting for
+    the GPU: AveragedModel.update_parameters copies its host-side step count to the device every
+    call, a blocking copy per training step. Buffers (the sinusoid frequencies) are copied, never
+    averaged (use_buffers=False)."""
+
+    def __init__(self, net: torch.nn.Module, decay: float):
+        super().__init__(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        averaged = [p.detach() for p in self.module.parameters()]
+        current = [p.detach() for p in model.parameters()]
+        if self.n_averaged == 0:  # a CPU tensor: no device sync
+            torch._foreach_copy_(averaged, current)
+        else:
+            self.multi_avg_fn(averaged, current, self.n_averaged)  # the EMA rule ignores the count
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        self.n_averaged += 1
 
 
 class Trainer:
@@ -76,7 +93,7 @@ class Trainer:
                                        cfg.data.image_size, cfg.data.resize, rank, world_size)
         torch.manual_seed(t.seed)
         self.net = model_lib.build(cfg, self.device)
-        self.ema = make_ema(self.net, t.ema_decay)
+        self.ema = EMA(self.net, t.ema_decay)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                     weight_decay=t.weight_decay, fused=self.device.type == "cuda")
         warmup = max(t.warmup_steps, 1)

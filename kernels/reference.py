@@ -30,6 +30,7 @@ def attention_sdpa(qkv, num_heads: int):
     """The same math through torch's scaled_dot_product_attention (tensor-core kernels on CUDA)."""
     batch, three_c, seq = qkv.shape
     head_dim = three_c // (3 * num_heads)
-    q, k, v = qkv.view(batch, 3, num_heads, head_dim, seq).transpose(-1, -2).unbind(1)  # [B, h, N, d]
+    # SDPA's fused kernels need the head dim contiguous; without the copy it falls back to its math path
+    q, k, v = qkv.view(batch, 3, num_heads, head_dim, seq).transpose(-1, -2).contiguous().unbind(1)  # [B, h, N, d]
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(-1, -2).reshape(batch, three_c // 3, seq)

@@ -1,17 +1,20 @@
 import os
 
-# Triton kernels run under the interpreter on machines without a GPU; this must be set before
-# triton is first imported. Where a GPU exists the kernels run compiled.
-if not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Test shapes are tiny: one thread is as fast, and immune to OpenMP spinning against other load
 # on a 2-core machine (the CLIs the tests start inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (importing torch does not import triton)
 
+# Triton kernels run under the interpreter on machines without a GPU; this must be set before
+# triton is first imported. Where a GPU exists the kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Eager and compiled paths are compared at fp32 tolerances: no TF32 in cuDNN convolutions or matmuls.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @pytest.fixture(scope="session")

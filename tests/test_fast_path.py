@@ -95,3 +95,43 @@ def test_compiled_sampling_step_matches_the_eager_loop(sampler):
     fast = FastStep(net, plan, True, "cpu", precision="fp32", compile="default", cuda_graph="auto")
     out, _ = d.sample(net, (2, 1, 32, 32), plan, True, torch.Generator().manual_seed(1), step=fast)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ema_matches_torchs_averaged_model():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from ddpm.train import EMA
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    ours, torchs = EMA(net, 0.9), AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for _ in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(net)
+        torchs.update_parameters(net)
+    for a, b in zip(ours.module.parameters(), torchs.module.parameters()):
+        torch.testing.assert_close(a, b)
+    assert ours.n_averaged == torchs.n_averaged == 4
+
+
+def test_sampling_step_never_reads_the_device_from_the_host():
+    """No .item() in the step (it would break CUDA-graph capture and sync every step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from ddpm.sample import FastStep
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func)
+            return func(*args, **(kwargs or {}))
+
+    cfg = config.load("configs/ci.yaml", ["sample.sampler=ddim", "sample.steps=3"])
+    net = model.build(cfg).eval()
+    plan = Diffusion.from_config(cfg.diffusion).plan(cfg.sample)
+    step = FastStep(net, plan, True, "cpu", precision="fp32", compile="none", cuda_graph="disabled")
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad(), Ops() as ops:
+        step(1, x, torch.randn_like(x))
+    assert torch.ops.aten.add.Tensor in ops.seen  # the mode saw the step
+    assert torch.ops.aten._local_scalar_dense.default not in ops.seen
