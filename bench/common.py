@@ -23,6 +23,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def consecutive_steps(fn, steps: int, device):
+    """A benchmark round: fn(step) for the next `steps` step numbers, then a device sync. Rounds
+    continue where the last stopped, so a trainer or loader never repeats a step."""
+    state = {"next": 0}
+
+    def run():
+        for _ in range(steps):
+            fn(state["next"])
+            state["next"] += 1
+        sync(device)
+    return run
+
+
 def flops_per_image(cfg) -> dict:
     """Forward and forward+backward FLOPs of the UNet for one image (torch.utils.flop_counter)."""
     values = cfg.to_dict()

@@ -1,7 +1,7 @@
 """Input pipelines: images/s that each loader delivers to the training device."""
 import pytest
 
-from bench.common import sync, synthetic_digits
+from bench.common import consecutive_steps, synthetic_digits
 from ddpm import data
 
 
@@ -11,14 +11,7 @@ def test_loader(benchmark, record, device, quick, loader):
         pytest.importorskip("nvidia.dali")
     batch, steps = 64, (20 if quick else 200)
     source = data.make_loader(loader, synthetic_digits(8192), batch, 0, device)
-    state = {"step": 0}
-
-    def run():
-        for _ in range(steps):
-            source.batch(state["step"])
-            state["step"] += 1
-        sync(device)
-
+    run = consecutive_steps(source.batch, steps, device)
     run()
     benchmark.pedantic(run, rounds=3, iterations=1)
     stats = benchmark.stats.stats

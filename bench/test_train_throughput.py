@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bench import variants
-from bench.common import T4_MEMORY_BYTES, flops_per_image, load_config, measure_peaks, sync, synthetic_digits
+from bench.common import T4_MEMORY_BYTES, consecutive_steps, flops_per_image, load_config, measure_peaks, sync, synthetic_digits
 from ddpm.config import UserError
 from ddpm.runtime import resolve_precision
 from ddpm.train import Trainer
@@ -58,14 +58,7 @@ def test_train_step(benchmark, record, device, quick, peaks, t4_max_batch, varia
         record(kind="train", workload="train step", variant=variant, batch=batch, note=f"skipped: {e}")
         pytest.skip(str(e))
     steps_per_round = 3 if quick else 10
-    state = {"step": 0}
-
-    def run():
-        for _ in range(steps_per_round):
-            trainer.step(state["step"])
-            state["step"] += 1
-        sync(device)
-
+    run = consecutive_steps(trainer.step, steps_per_round, device)
     for _ in range(2):  # warm-up: compilation, autotuning, allocator
         run()
     benchmark.pedantic(run, rounds=3 if quick else 5, iterations=1)

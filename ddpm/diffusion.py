@@ -105,7 +105,7 @@ class Diffusion:
 
     @staticmethod
     def step(plan: SamplerPlan, i, x, eps, noise, clip_x0: bool = True):
-        """x_{t-1} from x_t and the predicted noise; i (an int or a 0-d device tensor) indexes the plan."""
+        """x_{t-1} from x_t and the predicted noise; i (an int, or a 1-element device tensor: a gather) indexes the plan."""
         x0 = plan.x0_from_xt[i] * x - plan.x0_from_eps[i] * eps
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
