@@ -5,7 +5,7 @@ output is [B, C, N]: the kernels address q, k, v, out and the gradients through 
 nothing is transposed or copied. With N <= 256 a program holds a block of rows against *all* N
 columns of the score matrix, so the softmax is exact in one pass (no online rescaling, no
 [rows, d] accumulator); d is walked in BLOCK_D chunks, both when forming scores and when applying
-them, which bounds the tiles tl.dot stages in shared memory.
+them, which bounds the operands tl.dot holds in shared memory or registers.
 
 Forward: one program per (query block, batch * head); saves the log-sum-exp per query (fp32).
 Backward (FlashAttention-style recompute, P = exp(S - lse), dS = P * (dP - delta)) in two
@@ -22,8 +22,8 @@ _MAX_HEAD_DIM = 256
 # Score tile [rows, cols] elements: the dq backward keeps about four such fp32 tiles live
 # (S, P, dP, dS), 4 * 4096 / 256 threads = 64 registers per thread at 8 warps.
 _MAX_TILE = 4096
-# Bytes of the two operands of one tl.dot staged in shared memory: half of a T4's 64 KB per
-# block, leaving room for layout conversions and the reductions' scratch.
+# Bytes of the two operands of one tensor-core tl.dot staged in shared memory: half of the
+# 64 KB a T4 allows per block, leaving room for layout conversions and the reductions' scratch.
 _DOT_SMEM_BUDGET = 32 * 1024
 
 
@@ -169,14 +169,20 @@ def _launch_config(batch_heads: int, seq: int, head_dim: int, dtype: torch.dtype
     """
     block_c = max(16, triton.next_power_of_2(seq))  # tl.dot wants every dimension >= 16
     block_r = max(16, min(64, _MAX_TILE // block_c, block_c))
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    # tl.dot uses tensor cores only for 16-bit inputs from sm_80 on; fp32 (input_precision="ieee")
+    # and everything on a T4 (sm_75, since triton 3.3) run on FMA units, each thread holding its
+    # rows' and columns' d chunk in registers: there a 64-wide chunk spilled hundreds of bytes per
+    # thread, 16 spills nothing (tests/test_kernels_compile_for_gpus.py). The CPU interpreter
+    # takes the FMA choice too.
+    on_fma = props is None or props.major < 8 or dtype == torch.float32
+    block_d = 16 if on_fma else max(16, min(64, triton.next_power_of_2(head_dim)))
     elem = torch.finfo(dtype).bits // 8
-    block_d = max(16, min(64, triton.next_power_of_2(head_dim)))
     while block_d > 16 and max(block_r * block_d + block_d * block_c,
                                block_r * block_c + block_c * block_d) * elem > _DOT_SMEM_BUDGET:
         block_d //= 2
     num_stages = 2
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
+    if props is not None:
         # Smaller row blocks until the grid covers the SMs: at the model's shape (B=64, one head,
         # N=64) 64-row blocks would leave half of an H100 idle; the extra K/V reads hit L2.
         while block_r > 16 and batch_heads * triton.cdiv(seq, block_r) < props.multi_processor_count:
