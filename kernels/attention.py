@@ -183,6 +183,11 @@ def _launch_config(batch_heads: int, seq: int, head_dim: int, dtype: torch.dtype
         block_d //= 2
     num_stages = 2
     if props is not None:
+        # Hopper's tensor cores (wgmma) on 64-row blocks: triton 3.2 (torch 2.6) fails to compile
+        # them at 8 warps and at 4 the backward spills; 32-row blocks do neither (checked by
+        # tests/test_kernels_compile_for_gpus.py with triton 3.8; by hand with 3.2 and 3.6).
+        if props.major == 9 and not on_fma:
+            block_r = min(block_r, 32)
         # Smaller row blocks until the grid covers the SMs: at the model's shape (B=64, one head,
         # N=64) 64-row blocks would leave half of an H100 idle; the extra K/V reads hit L2.
         while block_r > 16 and batch_heads * triton.cdiv(seq, block_r) < props.multi_processor_count:
