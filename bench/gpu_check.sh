@@ -24,6 +24,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ddpm-inductor}
 export DDPM_CACHE_DIR=${DDPM_CACHE_DIR:-/tmp/ddpm-cache}
+# a stage cut by its time limit keeps the log it had written
+export PYTHONUNBUFFERED=1
 
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   if [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
@@ -63,7 +65,8 @@ fi
 
 status=0
 echo "== 1/3 the Triton ops' tests, on the GPU (the fast path's loss is step 3)"
-timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -q -p no:cacheprovider tests/test_group_norm_silu.py \
+# -v: one line per test, so a run cut short still says which passed; ~100 kernel variants compile here
+timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -v --durations=10 -p no:cacheprovider tests/test_group_norm_silu.py \
   tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"
 echo "== 2/3 benchmarks ($SIZE): training, kernels, sampling, input"
