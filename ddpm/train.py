@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ddpm import checkpoint, config as config_lib, data, distributed, model as model_lib
 from ddpm.config import UserError
-from ddpm.runtime import compile_model, precision_dtype, resolve_device, resolve_precision
+from ddpm.runtime import compile_model, precision_dtype, resolve_device
 from ddpm.diffusion import Diffusion
 from ddpm.sample import to_unit
 
@@ -102,7 +102,7 @@ class Trainer:
         self.noise_gen = torch.Generator(self.device).manual_seed(t.seed + 1)
         self.autocast_dtype = precision_dtype(t.precision, self.device)
         # fp16 needs loss scaling; with the fused Adam the scaler's inf check stays on the device.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=resolve_precision(t.precision, self.device) == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         # compile first, then DDP around it (as nanoGPT does): one graph, DDP's hooks on the same parameters
         self.forward = compile_model(self.net, t.compile, self.device)
         if world_size > 1:
