@@ -160,18 +160,21 @@ def _launch_config(channels_per_group: int, hw: int):
     return dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
 
 
-def _check(x, weight, num_groups):
+def _check(x, weight, bias, time_bias, num_groups):
     torch._check(x.dim() == 4, lambda: f"group_norm_silu expects NCHW, got shape {tuple(x.shape)}")
     torch._check(x.shape[1] % num_groups == 0,
                  lambda: f"{x.shape[1]} channels do not split into {num_groups} groups")
-    torch._check(weight.shape == (x.shape[1],), lambda: "weight must have one value per channel")
+    torch._check(weight.shape == (x.shape[1],) and bias.shape == (x.shape[1],),
+                 lambda: "weight and bias must have one value per channel")
+    torch._check(time_bias is None or time_bias.shape == x.shape[:2],
+                 lambda: f"time bias must be [N, C] = {list(x.shape[:2])}, got {list(time_bias.shape)}")
 
 
 @torch.library.custom_op("ddpm_kernels::group_norm_silu", mutates_args=())
 def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          time_bias: Optional[torch.Tensor], num_groups: int, eps: float,
                          activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, weight, num_groups)
+    _check(x, weight, bias, time_bias, num_groups)
     x = x.contiguous()
     n, c, h, w = x.shape
     y = torch.empty_like(x)
@@ -188,7 +191,7 @@ def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 @_group_norm_silu_fwd.register_fake
 def _(x, weight, bias, time_bias, num_groups, eps, activation):
-    _check(x, weight, num_groups)
+    _check(x, weight, bias, time_bias, num_groups)
     mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return x.new_empty(x.shape), mean, torch.empty_like(mean)
 

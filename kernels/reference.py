@@ -21,7 +21,7 @@ def attention(qkv, num_heads: int):
     head_dim = three_c // (3 * num_heads)
     q, k, v = qkv.view(batch, 3, num_heads, head_dim, seq).unbind(1)  # each [B, h, d, N]
     scores = torch.einsum("bhdi,bhdj->bhij", q, k) * head_dim**-0.5
-    probs = scores.float().softmax(dim=-1).to(qkv.dtype)
+    probs = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1).to(qkv.dtype)
     out = torch.einsum("bhij,bhdj->bhdi", probs, v)
     return out.reshape(batch, three_c // 3, seq)
 

@@ -11,13 +11,15 @@ from kernels import reference
 from kernels.attention import attention
 
 # (batch, heads, head_dim, seq): seq 1 and 7 and 100 exercise the masks (100 -> 128-wide tiles,
-# 32-row blocks), d = 256 the d-chunk loops, heads 4 and 8 the per-head channel offsets.
+# 32-row blocks), 256 the longest sequence (256-wide tiles, 16-row blocks), d = 256 the d-chunk
+# loops, heads 4 and 8 the per-head channel offsets.
 SHAPES = [
     (2, 1, 16, 1),
     (2, 2, 16, 7),
     (1, 1, 256, 64),
     (1, 4, 64, 16),
     (1, 8, 16, 100),
+    (1, 1, 16, 256),
 ]
 
 # Forward and input-gradient tolerances against float64 (values and gradients are O(1)).
@@ -100,6 +102,8 @@ def test_strided_input_and_expanded_grad(device):
 
 
 def test_backward_is_deterministic(device):
+    if device.type != "cuda":
+        pytest.skip("the interpreter runs programs one after another: only a GPU can reorder them")
     qkv = _qkv(1, 2, 16, 7, torch.float16, device).requires_grad_()
     dout = torch.randn(1, 32, 7, device=device, dtype=torch.float16)
     grads = [torch.autograd.grad(attention(qkv, 2), qkv, dout)[0] for _ in range(2)]
@@ -111,6 +115,8 @@ def test_rejects_bad_shapes(device):
         attention(torch.randn(1, 3 * 10, 4, device=device), 4)
     with pytest.raises(RuntimeError, match="sequence length"):
         attention(torch.randn(1, 3 * 16, 257, device=device), 1)
+    with pytest.raises(RuntimeError, match="head dim"):
+        attention(torch.randn(1, 3 * 512, 4, device=device), 1)
 
 
 def test_opcheck(device):

@@ -109,11 +109,23 @@ def test_large_mean_is_stable(device):
 
 
 def test_backward_is_deterministic(device):
+    if device.type != "cuda":
+        pytest.skip("the interpreter runs programs one after another: only a GPU can reorder them")
     x, weight, bias, t, dy = _inputs((4, 16, 8, 8), True, device, torch.float32)
     first = _run(group_norm_silu, x, weight, bias, t, dy, 8, True)
     second = _run(group_norm_silu, x, weight, bias, t, dy, 8, True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_rejects_bad_shapes(device):
+    x, weight, bias, t, _ = _inputs((2, 8, 3, 3), True, device, torch.float32)
+    with pytest.raises(RuntimeError, match="groups"):
+        group_norm_silu(x, weight, bias, 3, 1e-5, t)
+    with pytest.raises(RuntimeError, match="one value per channel"):
+        group_norm_silu(x, weight[:4], bias, 2, 1e-5, t)
+    with pytest.raises(RuntimeError, match="time bias"):
+        group_norm_silu(x, weight, bias, 2, 1e-5, t[:, :, None, None])
 
 
 def test_opcheck(device):
