@@ -108,7 +108,8 @@ class Trainer:
         if world_size > 1:
             self.forward = DistributedDataParallel(
                 self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True, static_graph=True)
+                gradient_as_bucket_view=True, static_graph=True,
+                broadcast_buffers=False)  # the one buffer, the sinusoid frequencies, is a constant
         self.image_shape = (1, cfg.data.image_size, cfg.data.image_size)
         self.local = slice(self.loader.offset, self.loader.offset + self.loader.local_batch)
 
@@ -142,7 +143,15 @@ class Trainer:
         self.ema.n_averaged.copy_(state["ema_n_averaged"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["lr_scheduler"])
-        self.noise_gen.set_state(state["rng"]["noise"])
+        noise_state = state["rng"]["noise"]
+        if noise_state.numel() == self.noise_gen.get_state().numel():
+            self.noise_gen.set_state(noise_state)
+        else:
+            # A CPU generator's state (Mersenne twister) does not fit a CUDA one (seed, offset) or the
+            # reverse: the run goes on with a stream seeded by its step, statistically the same.
+            self.noise_gen.manual_seed(self.cfg.train.seed + 1 + 1_000_003 * state["step"])
+            print(f"resuming on {self.device.type}: the checkpoint's noise generator was another device's, "
+                  f"so the noise from step {state['step']} on differs from an uninterrupted run's", file=sys.stderr)
         if state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         return state["step"]
@@ -170,14 +179,16 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     t = cfg.train
     out = Path(t.out_dir)
     ckpt_path = out / CHECKPOINT_NAME
+    # Rank 0 first: it checks the run dir and, if the data must be downloaded, downloads it alone.
     if world.is_main:
         resumed = prepare_out_dir(cfg, resume, overwrite)
         config_lib.save(cfg, out / "config.yaml")
+        digits = data.load_digits(cfg.data, train=True)
     distributed.barrier(world)
     if not world.is_main:
         resumed = checkpoint.load(ckpt_path) if resume else None
+        digits = data.load_digits(cfg.data, train=True)
 
-    digits = data.load_digits(cfg.data, train=True)
     trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
     start = trainer.load_state_dict(resumed, ckpt_path) if resumed is not None else 0
     del resumed

@@ -56,6 +56,18 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     assert torch.equal(straight["ema_n_averaged"], resumed["ema_n_averaged"])
 
 
+def test_resume_from_another_devices_noise_generator(tmp_path, capsys):
+    """A CUDA generator's state is 16 bytes (seed, offset), a CPU one's 5 KB: resuming across devices
+    reseeds instead of failing."""
+    ckpt = train(ci_config(tmp_path / "r", "train.steps=2"), progress=False)
+    state = checkpoint.load(ckpt)
+    state["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator saves
+    checkpoint.save(state, ckpt)
+    resumed = checkpoint.load(train(ci_config(tmp_path / "r", "train.steps=4"), resume=True, progress=False))
+    assert resumed["step"] == 4
+    assert "noise from step 2 on differs" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_settings_and_missing_runs(tmp_path):
     from ddpm.config import UserError
     with pytest.raises(UserError, match="nothing to resume"):
@@ -136,3 +148,7 @@ def test_sample_cli_bad_checkpoints(tmp_path):
     assert "does not match the model" in line
     line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path), "--n", "0"), "sample.py")
     assert "--n" in line
+    if not torch.cuda.is_available():
+        line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path),
+                                             "--cuda-graph", "enabled"), "sample.py")
+        assert "needs a CUDA device" in line
