@@ -125,10 +125,11 @@ class Diffusion:
         `step(i, x, noise)` replaces the eager step (ddpm.sample.FastStep: compiled, graph-captured)."""
         step = step or (lambda i, x, noise: self.denoise(model, plan, i, x, noise, clip_x0))
         x = torch.randn(shape, device=self.device, generator=generator)
-        frames = [x.cpu()] if keep_every else []
+        frames = [x.clone()] if keep_every else []
         n = len(plan.timesteps)
         for i in range(n):
             x = step(i, x, torch.randn(shape, device=self.device, generator=generator))
             if keep_every and ((i + 1) % keep_every == 0 or i == n - 1):
-                frames.append(x.cpu())
-        return x.clone(), frames  # a graph-captured step reuses its buffer
+                frames.append(x.clone())  # kept on the device: a copy to the host would wait for the GPU
+        # clones: a graph-captured step reuses its buffer
+        return x.clone(), [frame.cpu() for frame in frames]

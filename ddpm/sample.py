@@ -7,6 +7,7 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from ddpm import checkpoint, model as model_lib
+from ddpm.config import UserError
 from ddpm.diffusion import Diffusion, SamplerPlan
 from ddpm.runtime import compile_model, precision_dtype
 
@@ -34,12 +35,14 @@ class FastStep:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 return Diffusion.denoise(net, plan, i, x, noise, clip_x0)
 
+        self.use_graph = cuda_graph == "enabled" or (cuda_graph == "auto" and device.type == "cuda")
+        if self.use_graph and device.type != "cuda":
+            raise UserError("sample.cuda_graph=enabled needs a CUDA device; use auto or disabled on this machine")
+        if self.use_graph and compile == "max-autotune":
+            compile = "max-autotune-no-cudagraphs"  # inductor's own CUDA graphs would nest inside ours
         self.body = compile_model(body, compile, device)
         # [S, 1]: indexing with a 1-element tensor is a device gather; a 0-d index would call .item()
         self.indices = torch.arange(len(plan.timesteps), device=device).unsqueeze(1)
-        self.use_graph = cuda_graph == "enabled" or (cuda_graph == "auto" and device.type == "cuda")
-        if self.use_graph and device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
         self.graph = None
 
     def _capture(self, x, noise):
