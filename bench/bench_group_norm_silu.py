@@ -25,10 +25,10 @@ QUICK_BATCH = 8
 
 
 def _bytes_moved(n, c, h, w, dtype, with_backward):
-    """Minimal traffic: read x, t, gamma, beta and write y; backward adds read dy, x, t, gamma,
-    beta and write dx, dt, dgamma, dbeta."""
+    """Minimal traffic: read x, t, gamma, beta (fp32) and write y; backward adds read dy, x, t,
+    gamma, beta and write dx, dt, dgamma, dbeta."""
     act = n * c * h * w * dtype.itemsize
-    small = (n * c + 2 * c) * dtype.itemsize
+    small = n * c * dtype.itemsize + 2 * c * 4
     forward = 2 * act + small
     return forward + (3 * act + 2 * small if with_backward else 0)
 
@@ -61,18 +61,23 @@ def run(device: str, batch_sizes=(64, 512), quick: bool = False, dtypes=None) ->
                 gen = torch.Generator().manual_seed(0)
                 x, dy = (torch.randn(n, c, h, w, generator=gen).to(device, dtype) for _ in range(2))
                 t = torch.randn(n, c, generator=gen).to(device, dtype)
-                gamma, beta = (torch.randn(c, generator=gen).to(device, dtype) for _ in range(2))
+                # As in the model under autocast: half activations, fp32 affine parameters, and
+                # the composite's group_norm running in fp32 (autocast's rule for it).
+                gamma, beta = (torch.randn(c, generator=gen).to(device) for _ in range(2))
                 leaves = [v.detach().requires_grad_() for v in (x, t, gamma, beta)]
+                autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
                 for variant, make in _variants().items():
                     op = make()
 
                     def forward(op=op):
-                        with torch.no_grad():
+                        with torch.no_grad(), torch.autocast(**autocast):
                             return op(x, gamma, beta, groups, 1e-5, t, True)
 
                     def forward_backward(op=op):
                         lx, lt, lg, lb = leaves
-                        return torch.autograd.grad(op(lx, lg, lb, groups, 1e-5, lt, True), leaves, dy)
+                        with torch.autocast(**autocast):
+                            y = op(lx, lg, lb, groups, 1e-5, lt, True)
+                        return torch.autograd.grad(y, leaves, dy.to(y.dtype))
 
                     for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
                         res = time_fn(fn, device=device, **timing)
