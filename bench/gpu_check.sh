@@ -65,9 +65,12 @@ fi
 
 status=0
 echo "== 1/3 the Triton ops' tests, on the GPU (the fast path's loss is step 3)"
-# -v: one line per test, so a run cut short still says which passed; ~100 kernel variants compile here
-timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -v --durations=10 -p no:cacheprovider tests/test_group_norm_silu.py \
-  tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
+# -v: one line per test, so a run cut short still says which passed. ~100 kernel variants compile
+# here: pytest-xdist (a carried wheel) spreads them over processes, whose compiles run in parallel.
+PARALLEL=()
+if $PY -c "import xdist" 2>/dev/null; then PARALLEL=(-n "${GPU_CHECK_TEST_WORKERS:-8}"); fi
+timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -v "${PARALLEL[@]}" --durations=10 -p no:cacheprovider \
+  tests/test_group_norm_silu.py tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"
 echo "== 2/3 benchmarks ($SIZE): training, kernels, sampling, input"
 VARIANTS=$($PY -c "from bench.variants import GPU_CHECK; print(','.join(GPU_CHECK))")
