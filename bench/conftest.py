@@ -28,6 +28,15 @@ def pytest_addoption(parser):
     parser.addoption("--bench-out", default=None, help="directory for <device>.json/.md (default: bench/results)")
     parser.addoption("--bench-variants", default=None,
                      help="comma-separated variant names to run (default: all in bench/variants.py)")
+    parser.addoption("--bench-append", action="store_true",
+                     help="add to the rows of this device's results file instead of replacing them "
+                          "(gpu_check.sh runs each benchmark under its own time limit)")
+
+
+def pytest_configure(config):
+    path = results_path(config).with_suffix(".json")
+    if config.getoption("--bench-append", False) and path.exists():
+        ROWS.extend(json.loads(path.read_text())["results"])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -125,18 +134,23 @@ def _fmt(v):
     return str(v)
 
 
-def write_results(config) -> tuple[Path, str]:
+def results_path(config) -> Path:
+    """<out dir>/<device slug>, without suffix."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = environment(device)
+    name = slug(device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}-cores")
+    return Path(config.getoption("--bench-out") or RESULTS_DIR) / name
+
+
+def write_results(config) -> tuple[Path, str]:
+    env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rows = [{**r} for r in ROWS]
     speedups(rows)
-    out_dir = Path(config.getoption("--bench-out") or RESULTS_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = slug(env["device"] if device.type == "cuda" else f"cpu-{os.cpu_count()}-cores")
-    (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
+    path = results_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
     table = markdown(env, rows)
-    (out_dir / f"{name}.md").write_text(table)
-    return out_dir / name, table
+    path.with_suffix(".md").write_text(table)
+    return path, table
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -74,10 +74,24 @@ timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -v "${PARALLEL[@]}" --dur
 tail -n 5 "$OUT/tests.txt"
 echo "== 2/3 benchmarks ($SIZE): training, kernels, sampling, input"
 VARIANTS=$($PY -c "from bench.variants import GPU_CHECK; print(','.join(GPU_CHECK))")
-timeout "${GPU_CHECK_BENCH_SECONDS:-230}" $PY -m pytest -q -p no:cacheprovider --benchmark-quiet --bench-size="$SIZE" \
-  --bench-out "$OUT" --bench-variants "$VARIANTS" bench/test_train_throughput.py bench/test_kernels.py \
-  bench/test_sampling.py bench/test_input_pipelines.py > "$OUT/bench.txt" 2>&1 \
-  || { status=1; echo "(benchmarks failed or hit the time limit: $OUT has the rows measured so far)"; }
+# Each benchmark has its own share of the stage's time, so a slow one (compiles) cannot starve
+# the others; the first starts this device's results file, the others add their rows to it.
+BENCH_SECONDS=${GPU_CHECK_BENCH_SECONDS:-230}
+APPEND=()
+: > "$OUT/bench.txt"
+bench_part() {  # percent of the stage's time, then what pytest runs
+  local limit=$((BENCH_SECONDS * $1 / 100)); shift
+  echo "-- $* ($limit s)" >> "$OUT/bench.txt"
+  timeout "$limit" $PY -m pytest -q -p no:cacheprovider --benchmark-quiet --bench-size="$SIZE" --bench-out "$OUT" \
+    "${APPEND[@]}" --bench-variants "$VARIANTS" "$@" >> "$OUT/bench.txt" 2>&1 \
+    || { status=1; echo "($*: failed or hit its time limit; $OUT has the rows measured so far)"; }
+  APPEND=(--bench-append)
+}
+bench_part 40 bench/test_train_throughput.py
+bench_part 24 bench/test_kernels.py -k group_norm_silu
+bench_part 14 bench/test_kernels.py -k attention
+bench_part 18 bench/test_sampling.py
+bench_part 4 bench/test_input_pipelines.py
 tail -n 3 "$OUT/bench.txt"
 echo "== 3/3 $STEPS steps, eager fp32 vs default, same seed"
 timeout "${GPU_CHECK_COMPARE_SECONDS:-140}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" "${DATA[@]}" \

@@ -18,3 +18,20 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_2(tmp_path):
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0], result.stderr
+
+
+def test_benchmark_parts_add_their_rows_to_one_results_file(tmp_path):
+    """What gpu_check.sh's stage 2 does: the first part starts the file, --bench-append adds to it."""
+    import json
+
+    def run(*args):
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--bench-size=quick",
+                                 "--bench-out", str(tmp_path), *args, "bench/test_input_pipelines.py", "-k", "resident"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:]
+        (path,) = tmp_path.glob("*.json")
+        return [row["variant"] for row in json.loads(path.read_text())["results"]]
+
+    assert run() == ["resident"]
+    assert run("--bench-append") == ["resident", "resident"]
+    assert run() == ["resident"]  # without it, a new file
