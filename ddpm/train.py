@@ -33,11 +33,11 @@ class RunDirError(UserError):
     pass
 
 
-def prepare_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
-    """Refuse to mix runs in one out dir; return the checkpoint state to resume from, if any."""
+def check_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
+    """Refuse to mix runs in one out dir; return the checkpoint state to resume from, if any.
+    Changes nothing on disk: a run that fails to start leaves the dir as it was."""
     out = Path(cfg.train.out_dir)
     saved_cfg_path, ckpt_path = out / "config.yaml", out / CHECKPOINT_NAME
-    holds_run = saved_cfg_path.exists() or ckpt_path.exists()
     if resume:
         if not ckpt_path.exists():
             raise RunDirError(f"nothing to resume: {ckpt_path} does not exist; drop --resume to start a new run")
@@ -46,16 +46,28 @@ def prepare_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
         if changed:
             raise RunDirError(f"the run in {out} was trained with other settings ({', '.join(sorted(changed))}); "
                               f"resume with the same config or choose another train.out_dir")
+        if state["step"] > cfg.train.steps:
+            raise RunDirError(f"the run in {out} is at step {state['step']}, past train.steps={cfg.train.steps}; "
+                              f"resume with train.steps above {state['step']}")
         return state
-    if holds_run and not overwrite:
+    if ckpt_path.exists() and not overwrite:
         raise RunDirError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                           f"or set train.out_dir to another directory")
-    if holds_run:
+    if saved_cfg_path.exists() and not overwrite:
+        raise RunDirError(f"{out} holds a run that stopped before its first checkpoint; pass --overwrite to "
+                          f"replace it, or set train.out_dir to another directory")
+    return None
+
+
+def start_out_dir(cfg, fresh: bool) -> None:
+    """Once the run is set up: clear what an earlier run left there (for a fresh start), save the config."""
+    out = Path(cfg.train.out_dir)
+    if fresh:
         for name in (CHECKPOINT_NAME, "config.yaml", "tb", "samples"):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    return None
+    config_lib.save(cfg, out / "config.yaml")
 
 
 class EMA(AveragedModel):
@@ -180,10 +192,13 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     out = Path(t.out_dir)
     ckpt_path = out / CHECKPOINT_NAME
     # Rank 0 first: it checks the run dir and, if the data must be downloaded, downloads it alone.
+    # Nothing is written or deleted until the run is set up, so bad input costs no earlier work.
     if world.is_main:
-        resumed = prepare_out_dir(cfg, resume, overwrite)
-        config_lib.save(cfg, out / "config.yaml")
+        resumed = check_out_dir(cfg, resume, overwrite)
         digits = data.load_digits(cfg.data, train=True)
+        if t.eval_every:
+            from ddpm.eval import real_splits  # torchmetrics only when asked for
+            real_splits(cfg.data)  # a missing test split stops now, not at the first evaluation
     distributed.barrier(world)
     if not world.is_main:
         resumed = checkpoint.load(ckpt_path) if resume else None
@@ -192,6 +207,8 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
     start = trainer.load_state_dict(resumed, ckpt_path) if resumed is not None else 0
     del resumed
+    if world.is_main:
+        start_out_dir(cfg, fresh=not resume)
 
     writer = SummaryWriter(str(out / "tb")) if world.is_main else None
     if world.is_main:
@@ -228,6 +245,8 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                         print(f"step {done}/{t.steps}  loss {mean_loss:.4f}  {images_per_s:.0f} images/s", file=sys.stderr)
                 window.zero_()
                 window_start = time.perf_counter()
+            if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
+                checkpoint.save(trainer.state_dict(done), ckpt_path)  # first: a failing evaluation loses nothing
             if world.is_main and t.sample_every and done % t.sample_every == 0:
                 x = sample_grid(trainer.ema.module, trainer.diffusion, cfg.data.image_size)
                 writer.add_image("samples/ema_ddim50", make_grid(to_unit(x).cpu(), nrow=4, pad_value=1.0), done)
@@ -236,8 +255,6 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 for name, value in quick_score(trainer.ema.module, cfg, device).items():
                     if isinstance(value, (int, float)):
                         writer.add_scalar(f"eval/{name}", value, done)
-            if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
-                checkpoint.save(trainer.state_dict(done), ckpt_path)
             if stop:
                 bar.close()
                 if world.is_main:

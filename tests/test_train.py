@@ -1,5 +1,6 @@
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -66,6 +67,39 @@ def test_resume_from_another_devices_noise_generator(tmp_path, capsys):
     resumed = checkpoint.load(train(ci_config(tmp_path / "r", "train.steps=4"), resume=True, progress=False))
     assert resumed["step"] == 4
     assert "noise from step 2 on differs" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_to_start_leaves_the_run_dir_as_it_was(tmp_path):
+    from ddpm.config import UserError
+    run = tmp_path / "run"
+    no_data = ["data.source=idx", f"data.dir={tmp_path / 'no-data'}"]
+    with pytest.raises(UserError, match="no train-images"):
+        train(ci_config(run, *no_data), progress=False)
+    assert not run.exists() or not any(run.iterdir())  # nothing written: a corrected rerun just starts
+    train(ci_config(run, "train.steps=1"), progress=False)
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(UserError, match="no train-images"):
+        train(ci_config(run, *no_data), overwrite=True, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == before  # --overwrite deletes only once the run is set up
+
+
+def test_resume_refuses_a_shorter_run_and_eval_without_its_data(tmp_path):
+    from ddpm.config import UserError
+    run = tmp_path / "run"
+    train(ci_config(run, "train.steps=3"), progress=False)
+    with pytest.raises(UserError, match="is at step 3, past train.steps=2; resume with train.steps above 3"):
+        train(ci_config(run, "train.steps=2"), resume=True, progress=False)
+    # IDX training files without their test split: train.eval_every stops before the first step
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    for name, array in (("train-images-idx3-ubyte", torch.zeros(64, 28, 28, dtype=torch.uint8)),
+                        ("train-labels-idx1-ubyte", torch.arange(64, dtype=torch.uint8) % 10)):
+        header = struct.pack(">BBBB", 0, 0, 0x08, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape)
+        (idx / name).write_bytes(header + array.numpy().tobytes())
+    with pytest.raises(UserError, match="no t10k-images"):
+        train(ci_config(tmp_path / "eval-run", "data.source=idx", f"data.dir={idx}", "train.eval_every=2"),
+              progress=False)
+    assert not (tmp_path / "eval-run" / "tb").exists()
 
 
 def test_resume_refuses_other_settings_and_missing_runs(tmp_path):
@@ -152,3 +186,14 @@ def test_sample_cli_bad_checkpoints(tmp_path):
         line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path),
                                              "--cuda-graph", "enabled"), "sample.py")
         assert "needs a CUDA device" in line
+    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path), "--device", "gpu"),
+                                 "sample.py")
+    assert "unknown device 'gpu'" in line
+    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(truncated)), "sample.py")
+    assert "cannot use" in line and "--out" in line
+    state = torch.load(ckpt, weights_only=True)
+    state["ema"] = [1, 2]
+    malformed = tmp_path / "malformed.pt"
+    torch.save(state, malformed)
+    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(malformed), "--out", str(tmp_path)), "sample.py")
+    assert "does not match the model" in line
