@@ -3,6 +3,8 @@
 This is the one place where bad configuration becomes a clear ConfigError.
 """
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,11 +125,13 @@ def _coerce(value, annotation, key: str):
         return float(value)
     if annotation is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-4" as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    if annotation is float and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return value
 
 
@@ -176,11 +180,15 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {what}; pass a YAML file (see configs/ for examples)")
         try:
-            values = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections (model:, train:, ...), "
+                              f"got a {type(values).__name__}; see configs/ for examples")
         _merge(cfg, values or {})
     for text in overrides:
         _merge(cfg, _parse_override(text))
@@ -234,7 +242,7 @@ def validate(cfg: Config) -> None:
         require(getattr(tr, name) >= 1, f"train.{name} must be >= 1, got {getattr(tr, name)}")
     require(tr.sample_every >= 0, f"train.sample_every must be >= 0 (0 disables), got {tr.sample_every}")
     require(tr.eval_every >= 0, f"train.eval_every must be >= 0 (0 disables), got {tr.eval_every}")
-    require(tr.device == "auto" or tr.device == "cpu" or tr.device.startswith("cuda"),
+    require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", tr.device) is not None,
             f"train.device must be auto, cpu, cuda or cuda:N, got {tr.device!r}")
     require(1 <= s.steps <= d.timesteps, f"sample.steps must lie in [1, diffusion.timesteps={d.timesteps}], got {s.steps}")
     require(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")

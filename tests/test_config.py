@@ -40,6 +40,9 @@ def test_seed_config_matches_the_seed():
     ("model.channel_mults=5", "model.channel_mults must be a list"),
     ("model.num_heads=3", "model.num_heads=3 must divide"),
     ("train.steps", "is not key=value"),
+    ("train.lr=inf", "train.lr must be a finite number"),
+    ("sample.eta=.nan", "sample.eta must be a finite number"),
+    ("train.device=cudafoo", "train.device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_values_raise_one_clear_line(override, message):
     with pytest.raises(config.ConfigError, match=None) as err:
@@ -57,6 +60,15 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: 5\n")
     with pytest.raises(config.ConfigError, match="train must be a mapping"):
         config.load(bad)
+    for top_level in ("[]\n", "0\n", "false\n"):  # not the defaults (the seed's 37,500-step run)
+        bad.write_text(top_level)
+        with pytest.raises(config.ConfigError, match="must be a mapping of sections"):
+            config.load(bad)
+    bad.write_bytes(b"train:\n  steps: \xff\xfe\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(bad)
+    with pytest.raises(config.ConfigError, match="is a directory"):
+        config.load(tmp_path)
 
 
 def test_round_trip_through_yaml(tmp_path):
