@@ -14,7 +14,7 @@ from ddpm import cli
 from ddpm.config import UserError
 from ddpm.eval import Scorer, check_sampling, evaluate
 from ddpm.runtime import resolve_compile, resolve_device, resolve_precision
-from ddpm.sample import load_model
+from ddpm.sample import load_model, uses_cuda_graph
 
 ROWS = [("fid", "Fréchet distance (lower is better)", "{:.3f}"),
         ("kid", "KID (lower is better)", "{:.3f}"),
@@ -56,9 +56,12 @@ def main():
         device = resolve_device(args.device)
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise UserError(f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist")
+        if args.json and Path(args.json).is_dir():
+            raise UserError(f"--json {args.json} is a directory; pass a file name, e.g. {Path(args.json) / 'scores.json'}")
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
         cfg = cli.with_sample_overrides(cfg, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph)
         check_sampling(cfg, args.n, args.sampler, args.steps, args.batch_size)
+        cuda_graph = uses_cuda_graph(cfg.sample.cuda_graph, device)
         scorer = Scorer(cfg.data, device, args.n, inception=args.inception, progress=not args.no_progress)
         scores = evaluate(net, cfg, device, args.n, args.sampler, args.steps, args.batch_size, args.seed,
                           progress=not args.no_progress, scorer=scorer)
@@ -78,7 +81,7 @@ def main():
         if args.json:
             record = {"checkpoint": str(args.ckpt), "step": step, "sampler": args.sampler, "steps": steps,
                       "precision": precision, "compile": compiled,
-                      "cuda_graph": cfg.sample.cuda_graph == "enabled" or (cfg.sample.cuda_graph == "auto" and device.type == "cuda"),
+                      "cuda_graph": cuda_graph,
                       "device": str(device), "seed": args.seed, "weights": "raw" if args.raw_weights else "ema",
                       "features": scorer.feature_extractor, "real": scorer.description, "scores": scores}
             try:

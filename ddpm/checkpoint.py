@@ -57,6 +57,6 @@ def config_of(state: dict, path) -> config_lib.Config:
 def load_weights(module: torch.nn.Module, weights: dict, path) -> None:
     try:
         module.load_state_dict(weights)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:  # wrong tensors; not a state dict at all
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise CheckpointError(f"checkpoint {path} does not match the model its config describes ({first[:160]})") from None

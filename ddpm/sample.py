@@ -21,6 +21,13 @@ def load_model(ckpt_path, device, use_ema: bool = True):
     return net.eval(), cfg, state["step"]
 
 
+def uses_cuda_graph(setting: str, device: torch.device) -> bool:
+    """sample.cuda_graph resolved: auto = on CUDA; enabled without a CUDA device is a user error."""
+    if setting == "enabled" and device.type != "cuda":
+        raise UserError("sample.cuda_graph=enabled needs a CUDA device; use auto or disabled on this machine")
+    return setting == "enabled" or (setting == "auto" and device.type == "cuda")
+
+
 class FastStep:
     """The denoising step as one compiled region (the UNet under autocast, then the whole update
     fused by inductor) and, on CUDA, captured once in a CUDA graph and replayed for every step.
@@ -35,9 +42,7 @@ class FastStep:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 return Diffusion.denoise(net, plan, i, x, noise, clip_x0)
 
-        self.use_graph = cuda_graph == "enabled" or (cuda_graph == "auto" and device.type == "cuda")
-        if self.use_graph and device.type != "cuda":
-            raise UserError("sample.cuda_graph=enabled needs a CUDA device; use auto or disabled on this machine")
+        self.use_graph = uses_cuda_graph(cuda_graph, device)
         if self.use_graph and compile == "max-autotune":
             compile = "max-autotune-no-cudagraphs"  # inductor's own CUDA graphs would nest inside ours
         self.body = compile_model(body, compile, device)
@@ -98,7 +103,10 @@ def forward_diffusion_figure(diffusion: Diffusion, image: torch.Tensor, path: Pa
 def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, gif_frames: int = 40) -> dict:
     """Sample num_images with cfg.sample's sampler; write samples.png, denoising.gif, forward.png."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission
+        raise UserError(f"cannot use {out_dir} as the output directory ({e.strerror}); pass another --out") from None
     diffusion = Diffusion.from_config(cfg.diffusion, device)
     plan = diffusion.plan(cfg.sample)
     generator = torch.Generator(device).manual_seed(seed)

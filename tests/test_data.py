@@ -60,6 +60,11 @@ def test_bad_magic_and_bad_gzip_are_reported(idx_dir):
     (directory / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(data.DataError, match="is corrupt"):
         data.load_digits(cfg_for(directory))
+    good = gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 2000)
+    bad_deflate = good[:10] + b"\xff" * 20 + good[30:]  # a gzip header, then a block deflate cannot read
+    (directory / "train-images-idx3-ubyte.gz").write_bytes(bad_deflate)
+    with pytest.raises(data.DataError, match="is corrupt"):
+        data.load_digits(cfg_for(directory))
 
 
 def test_missing_files_are_reported(idx_dir, tmp_path):
@@ -95,6 +100,7 @@ def test_auto_falls_back_to_the_offline_subset_loudly(tmp_path, monkeypatch, cap
     assert len(digits.images) == 5000
     err = capsys.readouterr().err
     assert "WARNING" in err and "offline subset" in err and "train-images-idx3-ubyte.gz" in err
+    assert "no network" in err  # the download's own reason
 
 
 def test_model_input_range_and_size():

@@ -128,10 +128,15 @@ def test_evaluate_cli_writes_table_and_json(cache, ckpt, tmp_path):
     (["--ckpt", "missing/checkpoint.pt"], "does not exist"),
     (["--ckpt", "CKPT", "--steps", "500"], "DDIM steps must lie in [1, diffusion.timesteps=100]"),
     (["--ckpt", "CKPT", "--json", "/nonexistent/dir/x.json"], "does not exist"),
+    (["--ckpt", "CKPT", "--json", "EMPTY_DIR"], "is a directory"),
+    (["--ckpt", "CKPT", "--device", "gpu"], "unknown device 'gpu'"),
+    pytest.param(["--ckpt", "CKPT", "--cuda-graph", "enabled"], "needs a CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")),
 ])
-def test_evaluate_cli_bad_input(args, message, ckpt):
-    args = [str(ckpt) if a == "CKPT" else a for a in args]
-    assert message in assert_one_line_error(run_cli("evaluate.py", *args), "evaluate.py")
+def test_evaluate_cli_bad_input(args, message, ckpt, tmp_path):
+    args = [{"CKPT": str(ckpt), "EMPTY_DIR": str(tmp_path)}.get(a, a) for a in args]
+    # an empty cache: an error found only after the classifier's training would log a second line
+    assert message in assert_one_line_error(run_cli("evaluate.py", *args, cache_dir=tmp_path), "evaluate.py")
 
 
 @pytest.mark.parametrize("kwargs, message", [
