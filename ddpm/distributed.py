@@ -46,6 +46,15 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def from_main(world: World, value):
+    """Rank 0's value (any picklable object; others pass None) on every rank."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def sum_across(world: World, tensor: torch.Tensor) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(tensor)

@@ -59,10 +59,10 @@ def check_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
     return None
 
 
-def start_out_dir(cfg, fresh: bool) -> None:
-    """Once the run is set up: clear what an earlier run left there (for a fresh start), save the config."""
+def start_out_dir(cfg, replace: bool) -> None:
+    """Once the run is set up: clear the run it replaces (--overwrite), save the config."""
     out = Path(cfg.train.out_dir)
-    if fresh:
+    if replace:
         for name in (CHECKPOINT_NAME, "config.yaml", "tb", "samples"):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -100,7 +100,7 @@ class Trainer:
 
     def __init__(self, cfg, device, images: torch.Tensor, rank: int = 0, world_size: int = 1):
         t = cfg.train
-        self.cfg, self.device = cfg, torch.device(device)
+        self.cfg, self.device, self.rank = cfg, torch.device(device), rank
         self.loader = data.make_loader(cfg.data.loader, images, t.batch_size, t.seed, self.device,
                                        cfg.data.image_size, cfg.data.resize, rank, world_size)
         torch.manual_seed(t.seed)
@@ -162,8 +162,9 @@ class Trainer:
             # A CPU generator's state (Mersenne twister) does not fit a CUDA one (seed, offset) or the
             # reverse: the run goes on with a stream seeded by its step, statistically the same.
             self.noise_gen.manual_seed(self.cfg.train.seed + 1 + 1_000_003 * state["step"])
-            print(f"resuming on {self.device.type}: the checkpoint's noise generator was another device's, "
-                  f"so the noise from step {state['step']} on differs from an uninterrupted run's", file=sys.stderr)
+            if self.rank == 0:
+                print(f"resuming on {self.device.type}: the checkpoint's noise generator was another device's, "
+                      f"so the noise from step {state['step']} on differs from an uninterrupted run's", file=sys.stderr)
         if state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         return state["step"]
@@ -191,24 +192,24 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     t = cfg.train
     out = Path(t.out_dir)
     ckpt_path = out / CHECKPOINT_NAME
-    # Rank 0 first: it checks the run dir and, if the data must be downloaded, downloads it alone.
-    # Nothing is written or deleted until the run is set up, so bad input costs no earlier work.
+    # Rank 0 alone checks the run dir, reads the checkpoint and loads (if need be downloads) the
+    # data, then sends both to the other ranks: they all train on the same digits, and other
+    # nodes need neither the data nor the run dir. Nothing is written or deleted until the run
+    # is set up, so bad input costs no earlier work.
+    resumed = digits = None
     if world.is_main:
         resumed = check_out_dir(cfg, resume, overwrite)
         digits = data.load_digits(cfg.data, train=True)
         if t.eval_every:
             from ddpm.eval import real_splits  # torchmetrics only when asked for
             real_splits(cfg.data)  # a missing test split stops now, not at the first evaluation
-    distributed.barrier(world)
-    if not world.is_main:
-        resumed = checkpoint.load(ckpt_path) if resume else None
-        digits = data.load_digits(cfg.data, train=True)
+    resumed, digits = distributed.from_main(world, (resumed, digits))
 
     trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
     start = trainer.load_state_dict(resumed, ckpt_path) if resumed is not None else 0
     del resumed
     if world.is_main:
-        start_out_dir(cfg, fresh=not resume)
+        start_out_dir(cfg, replace=overwrite and not resume)
 
     writer = SummaryWriter(str(out / "tb")) if world.is_main else None
     if world.is_main:

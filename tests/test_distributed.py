@@ -36,7 +36,7 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_global_batch(tmp_
         torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=5e-3)
 
 
-def test_ddp_training_run_resumes_in_one_process(tmp_path):
+def test_ddp_run_resumes_with_another_world_size(tmp_path):
     out = tmp_path / "run"
     common = ["--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={out}", "train.batch_size=8"]
     result = torchrun(2, "train.py", *common, "train.steps=4")
@@ -46,3 +46,6 @@ def test_ddp_training_run_resumes_in_one_process(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert checkpoint.load(out / "checkpoint.pt")["step"] == 6
+    # and back to two: rank 0 reads the checkpoint and the data and sends them to rank 1
+    torchrun(2, "train.py", *common, "train.steps=8", "--resume")
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 8
