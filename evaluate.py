@@ -14,7 +14,7 @@ from ddpm import cli
 from ddpm.config import UserError
 from ddpm.eval import Scorer, check_sampling, evaluate
 from ddpm.runtime import resolve_compile, resolve_device, resolve_precision
-from ddpm.sample import load_model, uses_cuda_graph
+from ddpm.sample import load_model, step_compile_mode, uses_cuda_graph
 
 ROWS = [("fid", "Fréchet distance (lower is better)", "{:.3f}"),
         ("kid", "KID (lower is better)", "{:.3f}"),
@@ -67,7 +67,7 @@ def main():
                           progress=not args.no_progress, scorer=scorer)
         steps = args.steps if args.sampler == "ddim" else cfg.diffusion.timesteps
         precision = resolve_precision(cfg.sample.precision, device)
-        compiled = resolve_compile(cfg.sample.compile, device)
+        compiled = step_compile_mode(resolve_compile(cfg.sample.compile, device), cuda_graph)
         print(f"{args.ckpt} (step {step}, {'raw' if args.raw_weights else 'EMA'} weights), "
               f"{args.sampler.upper()}-{steps} in {precision}, compile {compiled}, seed {args.seed}, "
               f"on {device}: {scores['seconds']:.0f} s")

@@ -25,7 +25,8 @@ def _dtypes(device: torch.device):
     return dtypes
 
 
-def run(device: str, batch_sizes=(64, 512), quick: bool = False) -> list[dict]:
+def run(device: str, batch_sizes=(64, 512), quick: bool = False):
+    """Yields one row per measurement, as it is taken (a run cut short keeps what it measured)."""
     device = torch.device(device)
     if device.type == "cpu":
         # Must precede the first import of the Triton kernels (see tests/conftest.py).
@@ -40,7 +41,6 @@ def run(device: str, batch_sizes=(64, 512), quick: bool = False) -> list[dict]:
     channels, seq, heads = shape["channels"], shape["seq"], shape["heads"]
     head_dim = channels // heads
     timing = dict(warmup=1, repeats=3) if quick else dict(warmup=5, repeats=30)
-    rows = []
     for batch in batch_sizes:
         fwd_flops = 4 * batch * heads * seq * seq * head_dim
         for dtype in _dtypes(device):
@@ -58,15 +58,14 @@ def run(device: str, batch_sizes=(64, 512), quick: bool = False) -> list[dict]:
                 for pass_name, fn, flops in (("fwd", forward, fwd_flops),
                                              ("fwd+bwd", forward_backward, 3.5 * fwd_flops)):
                     t = time_fn(fn, device=device, **timing)
-                    rows.append({"op": "attention", "variant": backend,
-                                 "shape": f"B{batch} C{channels} N{seq} h{heads}",
-                                 "dtype": str(dtype).removeprefix("torch."), "pass": pass_name,
-                                 "median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
-                                 "tflops": flops / (t["median_ms"] * 1e-3) / 1e12})
-    return rows
+                    yield {"op": "attention", "variant": backend,
+                           "shape": f"B{batch} C{channels} N{seq} h{heads}",
+                           "dtype": str(dtype).removeprefix("torch."), "pass": pass_name,
+                           "median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
+                           "tflops": flops / (t["median_ms"] * 1e-3) / 1e12}
 
 
-def _print_table(rows: list[dict]):
+def _print_table(rows):
     header = f"{'variant':<8} {'shape':<20} {'dtype':<9} {'pass':<8} {'median_ms':>10} {'iqr_ms':>8} {'TFLOP/s':>8}"
     print(header)
     print("-" * len(header))

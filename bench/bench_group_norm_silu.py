@@ -44,7 +44,8 @@ def _variants():
             "compile": compiled}
 
 
-def run(device: str, batch_sizes=(64, 512), quick: bool = False, dtypes=None) -> list[dict]:
+def run(device: str, batch_sizes=(64, 512), quick: bool = False, dtypes=None):
+    """Yields one row per measurement, as it is taken (a run cut short keeps what it measured)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     if dtypes is None:
@@ -54,7 +55,6 @@ def run(device: str, batch_sizes=(64, 512), quick: bool = False, dtypes=None) ->
     shapes = QUICK_SHAPES if quick else UNET_SHAPES
     batch_sizes = (QUICK_BATCH,) if quick else batch_sizes
     timing = dict(warmup=5, repeats=30) if on_gpu else dict(warmup=1, repeats=3)
-    rows = []
     for dtype in dtypes:
         for n in batch_sizes:
             for c, h, w, groups in shapes:
@@ -82,15 +82,14 @@ def run(device: str, batch_sizes=(64, 512), quick: bool = False, dtypes=None) ->
                     for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
                         res = time_fn(fn, device=device, **timing)
                         moved = _bytes_moved(n, c, h, w, dtype, name == "fwd+bwd")
-                        rows.append(dict(op="group_norm_silu", variant=variant,
-                                         shape=f"{n}x{c}x{h}x{w}/g{groups}",
-                                         dtype=str(dtype).removeprefix("torch."), **{"pass": name},
-                                         median_ms=res["median_ms"], iqr_ms=res["iqr_ms"],
-                                         gb_per_s=moved / (res["median_ms"] * 1e-3) / 1e9))
-    return rows
+                        yield dict(op="group_norm_silu", variant=variant, shape=f"{n}x{c}x{h}x{w}/g{groups}",
+                                   dtype=str(dtype).removeprefix("torch."), **{"pass": name},
+                                   median_ms=res["median_ms"], iqr_ms=res["iqr_ms"],
+                                   gb_per_s=moved / (res["median_ms"] * 1e-3) / 1e9)
 
 
 def _print_table(rows):
+    rows = list(rows)
     cols = ["op", "variant", "shape", "dtype", "pass", "median_ms", "iqr_ms", "gb_per_s"]
     cells = [[f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in cols] for r in rows]
     widths = [max(len(k), *(len(row[i]) for row in cells)) for i, k in enumerate(cols)]

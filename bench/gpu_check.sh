@@ -69,9 +69,9 @@ echo "== 1/3 the Triton ops' tests, on the GPU (the fast path's loss is step 3)"
 # here: pytest-xdist (a carried wheel) spreads them over processes, whose compiles run in parallel.
 PARALLEL=()
 if $PY -c "import xdist" 2>/dev/null; then PARALLEL=(-n "${GPU_CHECK_TEST_WORKERS:-8}"); fi
-timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -v "${PARALLEL[@]}" --durations=10 -p no:cacheprovider \
+timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -v ${PARALLEL[@]+"${PARALLEL[@]}"} --durations=10 -p no:cacheprovider \
   tests/test_group_norm_silu.py tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
-tail -n 5 "$OUT/tests.txt"
+tail -n 5 "$OUT/tests.txt"; echo
 echo "== 2/3 benchmarks ($SIZE): training, kernels, sampling, input"
 VARIANTS=$($PY -c "from bench.variants import GPU_CHECK; print(','.join(GPU_CHECK))")
 # Each benchmark has its own share of the stage's time, so a slow one (compiles) cannot starve
@@ -83,18 +83,18 @@ bench_part() {  # percent of the stage's time, then what pytest runs
   local limit=$((BENCH_SECONDS * $1 / 100)); shift
   echo "-- $* ($limit s)" >> "$OUT/bench.txt"
   timeout "$limit" $PY -m pytest -q -p no:cacheprovider --benchmark-quiet --bench-size="$SIZE" --bench-out "$OUT" \
-    "${APPEND[@]}" --bench-variants "$VARIANTS" "$@" >> "$OUT/bench.txt" 2>&1 \
+    ${APPEND[@]+"${APPEND[@]}"} --bench-variants "$VARIANTS" "$@" >> "$OUT/bench.txt" 2>&1 \
     || { status=1; echo "($*: failed or hit its time limit; $OUT has the rows measured so far)"; }
   APPEND=(--bench-append)
 }
 bench_part 40 bench/test_train_throughput.py
 bench_part 24 bench/test_kernels.py -k group_norm_silu
 bench_part 14 bench/test_kernels.py -k attention
-bench_part 18 bench/test_sampling.py
-bench_part 4 bench/test_input_pipelines.py
-tail -n 3 "$OUT/bench.txt"
+bench_part 16 bench/test_sampling.py
+bench_part 6 bench/test_input_pipelines.py
+grep -E "^-- |(passed|failed|errors?)( in [0-9.]+s|,)|^\(" "$OUT/bench.txt"
 echo "== 3/3 $STEPS steps, eager fp32 vs default, same seed"
-timeout "${GPU_CHECK_COMPARE_SECONDS:-140}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" "${DATA[@]}" \
+timeout "${GPU_CHECK_COMPARE_SECONDS:-140}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" ${DATA[@]+"${DATA[@]}"} \
   > "$OUT/compare.txt" 2>&1 || { status=1; tail -n 20 "$OUT/compare.txt"; }
 
 echo

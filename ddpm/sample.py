@@ -28,6 +28,11 @@ def uses_cuda_graph(setting: str, device: torch.device) -> bool:
     return setting == "enabled" or (setting == "auto" and device.type == "cuda")
 
 
+def step_compile_mode(compile: str, use_graph: bool) -> str:
+    """The torch.compile mode the step runs in: inductor's own CUDA graphs would nest inside ours."""
+    return "max-autotune-no-cudagraphs" if use_graph and compile == "max-autotune" else compile
+
+
 class FastStep:
     """The denoising step as one compiled region (the UNet under autocast, then the whole update
     fused by inductor) and, on CUDA, captured once in a CUDA graph and replayed for every step.
@@ -43,9 +48,7 @@ class FastStep:
                 return Diffusion.denoise(net, plan, i, x, noise, clip_x0)
 
         self.use_graph = uses_cuda_graph(cuda_graph, device)
-        if self.use_graph and compile == "max-autotune":
-            compile = "max-autotune-no-cudagraphs"  # inductor's own CUDA graphs would nest inside ours
-        self.body = compile_model(body, compile, device)
+        self.body = compile_model(body, step_compile_mode(compile, self.use_graph), device)
         # [S, 1]: indexing with a 1-element tensor is a device gather; a 0-d index would call .item()
         self.indices = torch.arange(len(plan.timesteps), device=device).unsqueeze(1)
         self.graph = None
