@@ -92,7 +92,7 @@ bench_part 24 bench/test_kernels.py -k group_norm_silu
 bench_part 14 bench/test_kernels.py -k attention
 bench_part 16 bench/test_sampling.py
 bench_part 6 bench/test_input_pipelines.py
-grep -E "^-- |(passed|failed|errors?)( in [0-9.]+s|,)|^\(" "$OUT/bench.txt"
+grep -E "^-- bench/|(passed|failed|errors?)( in [0-9.]+s|,)|^\(" "$OUT/bench.txt"
 echo "== 3/3 $STEPS steps, eager fp32 vs default, same seed"
 timeout "${GPU_CHECK_COMPARE_SECONDS:-140}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" ${DATA[@]+"${DATA[@]}"} \
   > "$OUT/compare.txt" 2>&1 || { status=1; tail -n 20 "$OUT/compare.txt"; }
