@@ -15,7 +15,7 @@ import torch
 
 from bench.common import sync, synthetic_digits
 from bench.variants import EAGER
-from ddpm import config, data
+from ddpm import cli, config, data
 from ddpm.runtime import resolve_compile, resolve_precision
 from ddpm.train import Trainer
 
@@ -64,8 +64,7 @@ def main():
         if args.eval_samples:
             from ddpm import eval as eval_lib
             # eager sampling: compiling the step for a one-off evaluation costs more than it saves
-            eval_cfg = config.from_dict({**cfg.to_dict(), "sample": {**cfg.to_dict()["sample"], "compile": "none",
-                                                                      "cuda_graph": "disabled"}})
+            eval_cfg = cli.with_sample_overrides(cfg, compile="none", cuda_graph="disabled")
             results[name]["eval"] = eval_lib.evaluate(results[name]["trainer"].ema.module.eval(), eval_cfg, device,
                                                       num_samples=args.eval_samples, progress=False)
         del results[name]["trainer"]

@@ -125,7 +125,7 @@ class Diffusion:
         `step(i, x, noise)` replaces the eager step (ddpm.sample.FastStep: compiled, graph-captured)."""
         step = step or (lambda i, x, noise: self.denoise(model, plan, i, x, noise, clip_x0))
         x = torch.randn(shape, device=self.device, generator=generator)
-        frames = [x.clone()] if keep_every else []
+        frames = [x] if keep_every else []
         n = len(plan.timesteps)
         for i in range(n):
             x = step(i, x, torch.randn(shape, device=self.device, generator=generator))
