@@ -21,7 +21,16 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device {name} requested but this machine has no CUDA device; use cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"device {name} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cuda" and device.index is not None:
+        # Triton launches and CUDA-graph capture use the current device, not their tensors' device.
+        torch.cuda.set_device(device)
     return device
+
+
+def has_bf16(device: torch.device) -> bool:
+    """bf16 in hardware (compute capability 8.0+). torch.cuda.is_bf16_supported() says True on a T4,
+    which only emulates it, unless including_emulation=False."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -30,7 +39,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "bf16" if has_bf16(device) else "fp16"
 
 
 def precision_dtype(precision: str, device: torch.device):
@@ -38,7 +47,7 @@ def precision_dtype(precision: str, device: torch.device):
     precision = resolve_precision(precision, device)
     if precision == "fp32":
         return None
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if precision == "bf16" and device.type == "cuda" and not has_bf16(device):
         raise UserError(f"bf16 requested but {torch.cuda.get_device_name(device)} has no bf16 (compute capability "
                         f"< 8.0, e.g. a T4): use fp16")
     return torch.float16 if precision == "fp16" else torch.bfloat16

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from ddpm.runtime import has_bf16
 from kernels import reference
 from kernels.attention import attention
 
@@ -34,7 +35,7 @@ def _dtypes():
     bf16_skip = []
     if not torch.cuda.is_available():
         bf16_skip = [pytest.mark.skip(reason="bf16 tl.dot gives wrong results in the Triton interpreter")]
-    elif not torch.cuda.is_bf16_supported():
+    elif not has_bf16(torch.device("cuda")):
         bf16_skip = [pytest.mark.skip(reason="this GPU has no bf16")]
     return [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
             pytest.param(torch.bfloat16, id="bf16", marks=bf16_skip)]

@@ -1,4 +1,6 @@
 """Every fast path computes what the eager fp32 path computes."""
+import contextlib
+
 import pytest
 import torch
 
@@ -164,3 +166,52 @@ def test_sampling_step_never_reads_the_device_from_the_host():
         step(1, x, torch.randn_like(x))
     assert torch.ops.aten.add.Tensor in ops.seen  # the mode saw the step
     assert torch.ops.aten._local_scalar_dense.default not in ops.seen
+
+
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and host syncs are CUDA matters")
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Any host synchronisation (.item(), a blocking copy, a stream sync) raises inside this block."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@on_cuda
+@pytest.mark.parametrize("overrides", [["train.precision=fp16", "train.grad_clip=1.0"], ["train.precision=auto"]],
+                         ids=["fp16-gradscaler-clip", "auto"])
+def test_cuda_training_steps_never_wait_for_the_gpu(overrides):
+    """The whole step (resident batch, noise, Triton ops, autocast, loss scaling, fused Adam, EMA)
+    queues work and returns: the loop reads the device once per log_every."""
+    images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = config.load("configs/ci.yaml", ["train.device=cuda", "train.compile=none", *FUSED, *overrides])
+    trainer = Trainer(cfg, torch.device("cuda"), images)
+    losses = [trainer.step(step) for step in range(2)]  # Triton compiles, the allocator warms up
+    with no_host_sync():
+        losses += [trainer.step(step) for step in range(2, 6)]
+    assert torch.stack(losses).isfinite().all()
+
+
+@on_cuda
+@pytest.mark.parametrize("sampler,compile", [("ddpm", "none"), ("ddim", "default")])
+def test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs(sampler, compile):
+    device = torch.device("cuda")
+    cfg = config.load("configs/ci.yaml", [f"sample.sampler={sampler}", "diffusion.timesteps=20", "sample.steps=5"])
+    torch.manual_seed(0)
+    net = model.build(cfg, device).eval()
+    d = Diffusion.from_config(cfg.diffusion, device)
+    plan = d.plan(cfg.sample)
+    shape = (4, 1, 32, 32)
+    expected, _ = d.sample(net, shape, plan, True, torch.Generator(device).manual_seed(1))
+    from ddpm.sample import FastStep
+    step = FastStep(net, plan, True, device, precision="fp32", compile=compile, cuda_graph="enabled")
+    d.sample(net, shape, plan, True, torch.Generator(device).manual_seed(2), step=step)  # compiles, captures
+    with no_host_sync():
+        out, _ = d.sample(net, shape, plan, True, torch.Generator(device).manual_seed(1), step=step)
+    assert step.graph is not None
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

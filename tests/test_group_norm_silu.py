@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from ddpm.runtime import has_bf16
 from kernels import reference
 from kernels.group_norm_silu import group_norm_silu
 
@@ -25,7 +26,7 @@ SHAPES = [
 
 def _dtypes(device):
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if device.type == "cuda" and not has_bf16(device):
         dtypes.remove(torch.bfloat16)  # T4 (sm 7.5): no bf16
     return dtypes
 
