@@ -12,17 +12,19 @@ import os
 import torch
 
 from bench.timing import time_fn
+from ddpm.runtime import has_bf16
 
 MODEL_SHAPE = dict(channels=256, seq=64, heads=1)
 QUICK_SHAPE = dict(channels=64, seq=16, heads=1)
 
 
 def _dtypes(device: torch.device):
-    dtypes = [torch.float32, torch.float16]
-    # bf16 only on a GPU that has it: the CPU path is the Triton interpreter, where bf16 tl.dot is wrong.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        dtypes.append(torch.bfloat16)
-    return dtypes
+    """The dtype the model runs under autocast first (bf16 where the GPU has it, else fp16), so a
+    run cut short by a time limit has measured it; then fp32. bf16 only on a GPU that has it: the
+    CPU path is the Triton interpreter, where bf16 tl.dot is wrong."""
+    if has_bf16(device):
+        return [torch.bfloat16, torch.float32, torch.float16]
+    return [torch.float16, torch.float32]
 
 
 def run(device: str, batch_sizes=(64, 512), quick: bool = False):
@@ -41,9 +43,9 @@ def run(device: str, batch_sizes=(64, 512), quick: bool = False):
     channels, seq, heads = shape["channels"], shape["seq"], shape["heads"]
     head_dim = channels // heads
     timing = dict(warmup=1, repeats=3) if quick else dict(warmup=5, repeats=30)
-    for batch in batch_sizes:
-        fwd_flops = 4 * batch * heads * seq * seq * head_dim
-        for dtype in _dtypes(device):
+    for dtype in _dtypes(device):
+        for batch in batch_sizes:
+            fwd_flops = 4 * batch * heads * seq * seq * head_dim
             qkv = torch.randn(batch, 3 * channels, seq, device=device, dtype=dtype)
             dout = torch.randn(batch, channels, seq, device=device, dtype=dtype)
             qkv_grad = qkv.clone().requires_grad_()

@@ -3,6 +3,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import config, model
+from ddpm.runtime import has_bf16
 
 REPO_CONFIGS = {"full": "configs/mnist.yaml", "quick": "configs/ci.yaml"}
 T4_MEMORY_BYTES = 15 * 2**30  # a 16 GB T4 leaves about 15 GiB to a process
@@ -53,7 +54,7 @@ def measure_peaks(device, quick: bool) -> dict:
     """Dense matmul FLOP/s (bf16 where the card has it, else fp16; fp32 on CPU) and copy bandwidth."""
     from bench.timing import time_fn
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        dtype = torch.bfloat16 if has_bf16(device) else torch.float16
         n, copy_bytes = 8192, 2**30
     else:
         dtype, n, copy_bytes = torch.float32, 1024, 2**26

@@ -51,6 +51,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_cache():
+    """Each benchmark compiles as a new process would: after a compile at another shape, dynamo would
+    recompile with a symbolic batch (automatic dynamic shapes), and the variants would not compare."""
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,9 +82,11 @@ def slug(name: str) -> str:
 
 
 def environment(device) -> dict:
+    # DDPM_COMMIT: for copies of the tree without .git (the lent GPU machine gets one)
+    commit = os.environ.get("DDPM_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
     try:
@@ -87,6 +96,8 @@ def environment(device) -> dict:
         triton_version = None
     return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "commit": commit,
+            # PyTorch's defaults, which the "fp32" variants keep: on sm_80+ cuDNN convolutions run in TF32
+            "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -121,7 +132,8 @@ COLUMNS = ["kind", "workload", "variant", "batch", "precision", "median_ms", "sp
 def markdown(env: dict, rows: list[dict]) -> str:
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
     lines = [f"# Benchmarks on {env['device']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}, {env['date']}",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}, {env['date']}; "
+             f"TF32 in cuDNN convolutions {env['tf32']['cudnn']}, in matmuls {env['tf32']['matmul']} (fp32 variants)",
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
@@ -147,9 +159,12 @@ def write_results(config) -> tuple[Path, str]:
     speedups(rows)
     path = results_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
     table = markdown(env, rows)
-    path.with_suffix(".md").write_text(table)
+    # whole files or none: a part killed by its time limit mid-write must not spoil the next part's read
+    for suffix, text in ((".json", json.dumps({"environment": env, "results": rows}, indent=1) + "\n"), (".md", table)):
+        tmp = path.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path.with_suffix(suffix))
     return path, table
 
 

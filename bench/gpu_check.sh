@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a lent GPU machine, from a bare copy of the repository (python3
 # with torch, triton, torchvision, pytest, pytest-benchmark; no venv, no internet, no DALI).
-#   1. the Triton ops' tests, on the GPU
+#   1. the Triton ops' tests and the CUDA-only fast-path tests (no host syncs in a training step or
+#      a sampling replay; CUDA-graph sampling = the eager loop), on the GPU
 #   2. the full benchmark suite (results: $OUT/<device>.json and .md)
 #   3. 2,000 training steps of eager fp32 and of the default (fastest) path from the same seed,
 #      their losses compared, and both scored with ddpm.eval
@@ -10,6 +11,7 @@
 # .cache/wheels; pass that folder in the device call's `carry`. Without it, the losses are
 # compared on synthetic digits.
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a CPU, quick and short, to test this script.
+# DDPM_COMMIT=<hash> names the commit in the results where the tree has no .git.
 # Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE}_SECONDS: 110 + 230 + 140 s, inside
 # the 8 minutes the check is given); the benchmark writes its results row by row, so a stage
 # cut short still leaves what it measured.
@@ -64,13 +66,16 @@ else
 fi
 
 status=0
-echo "== 1/3 the Triton ops' tests, on the GPU (the fast path's loss is step 3)"
+echo "== 1/3 the Triton ops' tests and the CUDA-only fast-path tests, on the GPU (the fast path's loss is step 3)"
 # -v: one line per test, so a run cut short still says which passed. ~100 kernel variants compile
 # here: pytest-xdist (a carried wheel) spreads them over processes, whose compiles run in parallel.
 PARALLEL=()
 if $PY -c "import xdist" 2>/dev/null; then PARALLEL=(-n "${GPU_CHECK_TEST_WORKERS:-8}"); fi
 timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -v ${PARALLEL[@]+"${PARALLEL[@]}"} --durations=10 -p no:cacheprovider \
-  tests/test_group_norm_silu.py tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
+  tests/test_group_norm_silu.py tests/test_attention_op.py \
+  tests/test_fast_path.py::test_cuda_training_steps_never_wait_for_the_gpu \
+  tests/test_fast_path.py::test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs \
+  > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"; echo
 echo "== 2/3 benchmarks ($SIZE): training, kernels, sampling, input"
 VARIANTS=$($PY -c "from bench.variants import GPU_CHECK; print(','.join(GPU_CHECK))")
@@ -87,11 +92,11 @@ bench_part() {  # percent of the stage's time, then what pytest runs
     || { status=1; echo "($*: failed or hit its time limit; $OUT has the rows measured so far)"; }
   APPEND=(--bench-append)
 }
-bench_part 40 bench/test_train_throughput.py
-bench_part 24 bench/test_kernels.py -k group_norm_silu
-bench_part 14 bench/test_kernels.py -k attention
-bench_part 16 bench/test_sampling.py
-bench_part 6 bench/test_input_pipelines.py
+bench_part 38 bench/test_train_throughput.py
+bench_part 22 bench/test_kernels.py -k group_norm_silu
+bench_part 12 bench/test_kernels.py -k attention
+bench_part 23 bench/test_sampling.py
+bench_part 5 bench/test_input_pipelines.py
 grep -E "^-- bench/|(passed|failed|errors?)( in [0-9.]+s|,)|^\(" "$OUT/bench.txt"
 echo "== 3/3 $STEPS steps, eager fp32 vs default, same seed"
 timeout "${GPU_CHECK_COMPARE_SECONDS:-140}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" ${DATA[@]+"${DATA[@]}"} \

@@ -4,6 +4,7 @@ import torch
 
 from bench import bench_attention, bench_group_norm_silu
 from bench.common import measure_peaks
+from ddpm.runtime import has_bf16
 
 
 @pytest.mark.parametrize("op", [bench_group_norm_silu, bench_attention], ids=["group_norm_silu", "attention"])
@@ -11,7 +12,7 @@ def test_kernel(record, device, quick, op):
     copy_gb_per_s = measure_peaks(device, quick=True)["copy_gb_per_s"]
     kwargs = {"batch_sizes": (512, 64)}  # the bandwidth aim is at batch 512: first, in case time runs out
     if op is bench_group_norm_silu and device.type == "cuda":  # one dtype: each shape compiles anew
-        kwargs["dtypes"] = [torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16]
+        kwargs["dtypes"] = [torch.bfloat16 if has_bf16(device) else torch.float16]
     for row in op.run(str(device), quick=quick, **kwargs):
         extra = {}
         if "gb_per_s" in row:

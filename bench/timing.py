@@ -1,8 +1,16 @@
-"""Timing shared by every benchmark: CUDA events on a GPU, perf_counter on CPU; median and spread."""
+"""Timing shared by the kernel microbenchmarks: GPU time from CUDA events on a GPU, perf_counter on
+CPU; median and spread."""
 import statistics
 import time
 
 import torch
+
+# Larger than any GPU's L2 (H100: 50 MB): zeroing it before each call leaves the kernel a cold L2,
+# as triton.testing.do_bench does, so a batch-512 activation cannot be read from cache call after call.
+L2_FLUSH_BYTES = 256 * 2**20
+# The GPU spins this long before each call, so the host has queued the call before the GPU reaches
+# it: the events time the kernels, not Python's launch overhead (the whole-step benchmarks have that).
+HOST_LEAD_CYCLES = 4_000_000  # ~2 ms at a T4's or an H100's clock
 
 
 def time_fn(fn, *, warmup: int = 3, repeats: int = 10, device: str | torch.device = "cpu") -> dict:
@@ -10,17 +18,20 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 10, device: str | torch.devic
     device = torch.device(device)
     for _ in range(warmup):
         fn()
-    times = []
     if device.type == "cuda":
+        flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
         torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for start, end in events:
+            torch.cuda._sleep(HOST_LEAD_CYCLES)
+            flush.zero_()
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
     else:
+        times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()

@@ -43,5 +43,7 @@ SAMPLE = {
 GPU_ONLY = {"eager-bf16", "eager-sdpa-bf16", "compiled-auto+triton", "compiled-auto+triton+sdpa",
             "compiled-auto+triton+cudagraph", "compiled-auto+cudagraph", "compiled-auto+cudagraph+triton"}
 
-# What bench/gpu_check.sh measures within its time budget (each compiled variant costs a compile).
-GPU_CHECK = ["eager-fp32", "default", "eager-bf16", "eager-fp16", "compiled-auto+triton", "compiled-auto+cudagraph"]
+# What bench/gpu_check.sh measures within its time budget (each compiled variant costs a compile;
+# seed-like is eager: seconds, and it shows what the resident loader buys).
+GPU_CHECK = ["eager-fp32", "default", "seed-like", "eager-bf16", "eager-fp16", "compiled-auto+triton",
+             "compiled-auto+cudagraph"]
