@@ -12,7 +12,7 @@
 # compared on synthetic digits.
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a CPU, quick and short, to test this script.
 # DDPM_COMMIT=<hash> names the commit in the results where the tree has no .git.
-# Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE}_SECONDS: 110 + 230 + 140 s, inside
+# Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE}_SECONDS: 130 + 225 + 140 s, inside
 # the 8 minutes the check is given); the benchmark writes its results row by row, so a stage
 # cut short still leaves what it measured.
 set -uo pipefail
@@ -70,18 +70,19 @@ echo "== 1/3 the Triton ops' tests and the CUDA-only fast-path tests, on the GPU
 # -v: one line per test, so a run cut short still says which passed. ~100 kernel variants compile
 # here: pytest-xdist (a carried wheel) spreads them over processes, whose compiles run in parallel.
 PARALLEL=()
-if $PY -c "import xdist" 2>/dev/null; then PARALLEL=(-n "${GPU_CHECK_TEST_WORKERS:-8}"); fi
-timeout "${GPU_CHECK_TEST_SECONDS:-110}" $PY -m pytest -v ${PARALLEL[@]+"${PARALLEL[@]}"} --durations=10 -p no:cacheprovider \
-  tests/test_group_norm_silu.py tests/test_attention_op.py \
+if $PY -c "import xdist" 2>/dev/null; then PARALLEL=(-n "${GPU_CHECK_TEST_WORKERS:-8}" --dist worksteal); fi
+# The fast-path tests first: they compile the most. xdist hands out tests in the order given, and
+# idle workers take queued tests from busy ones (worksteal).
+timeout "${GPU_CHECK_TEST_SECONDS:-130}" $PY -m pytest -v ${PARALLEL[@]+"${PARALLEL[@]}"} --durations=10 -p no:cacheprovider \
   tests/test_fast_path.py::test_cuda_training_steps_never_wait_for_the_gpu \
   tests/test_fast_path.py::test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs \
-  > "$OUT/tests.txt" 2>&1 || status=1
+  tests/test_group_norm_silu.py tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"; echo
 echo "== 2/3 benchmarks ($SIZE): training, kernels, sampling, input"
 VARIANTS=$($PY -c "from bench.variants import GPU_CHECK; print(','.join(GPU_CHECK))")
 # Each benchmark has its own share of the stage's time, so a slow one (compiles) cannot starve
 # the others; the first starts this device's results file, the others add their rows to it.
-BENCH_SECONDS=${GPU_CHECK_BENCH_SECONDS:-230}
+BENCH_SECONDS=${GPU_CHECK_BENCH_SECONDS:-225}
 APPEND=()
 : > "$OUT/bench.txt"
 bench_part() {  # percent of the stage's time, then what pytest runs
@@ -102,6 +103,7 @@ echo "== 3/3 $STEPS steps, eager fp32 vs default, same seed"
 timeout "${GPU_CHECK_COMPARE_SECONDS:-140}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" ${DATA[@]+"${DATA[@]}"} \
   > "$OUT/compare.txt" 2>&1 || { status=1; tail -n 20 "$OUT/compare.txt"; }
 
+rm -f "$OUT"/*.tmp  # a results file half-written when a time limit struck
 echo
 cat "$OUT"/*.md
 exit $status

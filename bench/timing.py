@@ -19,16 +19,18 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 10, device: str | torch.devic
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
-        flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-        torch.cuda.synchronize(device)
-        for start, end in events:
-            torch.cuda._sleep(HOST_LEAD_CYCLES)
-            flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
+        with torch.cuda.device(device):  # the spin and the events go to the current device's stream
+            flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(repeats)]
+            torch.cuda.synchronize(device)
+            for start, end in events:
+                torch.cuda._sleep(HOST_LEAD_CYCLES)
+                flush.zero_()
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize(device)
         times = [start.elapsed_time(end) for start, end in events]
     else:
         times = []

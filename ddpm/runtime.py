@@ -21,8 +21,9 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device {name} requested but this machine has no CUDA device; use cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"device {name} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "cuda" and device.index is not None:
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Triton launches and CUDA-graph capture use the current device, not their tensors' device.
+        # (Under torchrun, distributed.init gives each process its local rank's GPU.)
         torch.cuda.set_device(device)
     return device
 

@@ -175,11 +175,12 @@ on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs 
 def no_host_sync():
     """Any host synchronisation (.item(), a blocking copy, a stream sync) raises inside this block."""
     torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         yield
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 @on_cuda
@@ -187,8 +188,9 @@ def no_host_sync():
                          ids=["fp16-gradscaler-clip", "auto"])
 def test_cuda_training_steps_never_wait_for_the_gpu(overrides):
     """The whole step (resident batch, noise, Triton ops, autocast, loss scaling, fused Adam, EMA)
-    queues work and returns: the loop reads the device once per log_every."""
-    images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    queues work and returns: the loop reads the device once per log_every. 64 images: 4 steps an
+    epoch, so step 4 draws a new epoch's permutation inside the check."""
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     cfg = config.load("configs/ci.yaml", ["train.device=cuda", "train.compile=none", *FUSED, *overrides])
     trainer = Trainer(cfg, torch.device("cuda"), images)
     losses = [trainer.step(step) for step in range(2)]  # Triton compiles, the allocator warms up

@@ -20,12 +20,14 @@ def two_gpus(monkeypatch):
     return with_capability
 
 
-def test_an_explicit_gpu_becomes_the_current_device(two_gpus):
+def test_an_explicit_gpu_becomes_the_current_device(two_gpus, monkeypatch):
     """Triton launches and CUDA-graph capture go to the current device, whatever their tensors' device."""
     current = two_gpus(8)
     assert runtime.resolve_device("cuda:1") == torch.device("cuda", 1)
     assert current == [torch.device("cuda", 1)]
     assert runtime.resolve_device("cuda") == torch.device("cuda") and current == [torch.device("cuda", 1)]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun each process takes its local rank's GPU later
+    assert runtime.resolve_device("cuda:0") == torch.device("cuda", 0) and current == [torch.device("cuda", 1)]
     with pytest.raises(UserError, match="has 2 CUDA device"):
         runtime.resolve_device("cuda:2")
 
