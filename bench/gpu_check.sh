@@ -47,6 +47,7 @@ mkdir -p /tmp/ddpm-site
 for wheel in .cache/wheels/*.whl; do
   [ -e "$wheel" ] || continue
   module=$(basename "$wheel" | cut -d- -f1)
+  [ "$module" = pytest_xdist ] && module=xdist  # the one wheel whose module is not its name
   $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('$module') is None)" && continue
   $PY -m zipfile -e "$wheel" /tmp/ddpm-site || echo "gpu_check.sh: could not unpack $wheel" >&2
 done
