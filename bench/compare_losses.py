@@ -16,7 +16,7 @@ import torch
 from bench.common import sync, synthetic_digits
 from bench.variants import EAGER
 from ddpm import cli, config, data
-from ddpm.runtime import resolve_compile, resolve_precision
+from ddpm.runtime import has_bf16, resolve_compile, resolve_precision
 from ddpm.train import Trainer
 
 
@@ -70,11 +70,14 @@ def main():
         del results[name]["trainer"]
         (out / "loss_comparison.json").write_text(json.dumps({"partial": True, "runs": results}, indent=1) + "\n")
     eager, fast = results["eager-fp32"], results["default"]
+    # PyTorch's default, kept by the eager baseline: fp32 convolutions run in TF32 from sm_80 on (not a T4)
+    tf32_convolutions = has_bf16(device) and torch.backends.cudnn.allow_tf32
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "data": description,
-              "steps": args.steps, "batch": base.train.batch_size, "runs": results,
+              "steps": args.steps, "batch": base.train.batch_size, "tf32_convolutions": tf32_convolutions, "runs": results,
               "relative_final_loss_difference": (fast["final_loss"] - eager["final_loss"]) / eager["final_loss"],
               "speedup": eager["seconds"] / fast["seconds"]}
     lines = [f"# Same seed, {args.steps} steps at batch {base.train.batch_size} on {report['device']}, {description}",
+             *(["", "fp32 convolutions ran in TF32 (PyTorch's default on this card)"] if tf32_convolutions else []),
              "", "| run | precision | compile | kernels | attention | final loss (mean of last window) | seconds after the first window |"
              + (" FD | KID | recognizable | floor FD |" if args.eval_samples else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|---|---|" if args.eval_samples else "")]
