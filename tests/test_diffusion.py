@@ -51,6 +51,45 @@ def test_ddim_eta1_all_steps_is_the_ancestral_step_with_beta_tilde():
         torch.testing.assert_close(getattr(ddim, field), getattr(ddpm, field), rtol=1e-5, atol=1e-7, msg=field)
 
 
+def test_ddim_sigma_is_song_et_al_eq_16_for_any_eta():
+    """sigma_t(eta) = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev), and the
+    step is eq. 12: sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z."""
+    d = Diffusion(T)
+    abar = d.schedule64["alphas_cumprod"]
+    g = torch.Generator().manual_seed(0)
+    x, eps, z = (torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    for eta in (0.3, 0.5, 2.0):
+        plan = d.ddim_plan(20, eta)
+        for i in (0, 7, 18):
+            t, t_prev = plan.timesteps[i], plan.timesteps[i + 1]
+            a, a_prev = abar[t], abar[t_prev]
+            sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+            assert abs(plan.sigma[i].item() - sigma.item()) < 1e-6 * max(sigma.item(), 1.0), (eta, i)
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
+            expected = a_prev.sqrt() * x0 + direction * eps + sigma * z
+            out = Diffusion.step(plan, i, x.float(), eps.float(), z.float(), clip_x0=False)
+            torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_draw_covers_every_timestep_uniformly():
+    d = Diffusion(10)
+    t, noise = d.draw(100_000, (1, 2, 2), torch.Generator().manual_seed(0))
+    counts = torch.bincount(t, minlength=10)
+    assert len(counts) == 10 and counts.min() > 9_500 and counts.max() < 10_500, counts
+    assert noise.shape == (100_000, 1, 2, 2) and abs(noise.std().item() - 1) < 0.01
+
+
+def test_loss_is_the_mean_squared_error_of_the_predicted_noise():
+    d = Diffusion(T)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    predict = lambda x_t, t: 0.5 * x_t  # noqa: E731
+    expected = ((0.5 * d.q_sample(x0, t, noise) - noise) ** 2).mean()
+    torch.testing.assert_close(d.loss(predict, x0, t, noise), expected)
+
+
 def test_ddpm_step_without_clipping_is_the_seeds_mean():
     """mu = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t), sigma^2 = beta_t."""
     d = Diffusion(T)
@@ -73,8 +112,13 @@ def test_clipping_bounds_the_predicted_x0():
     x = torch.full((1, 1, 2, 2), 50.0)
     eps = torch.zeros_like(x)
     clipped = Diffusion.step(plan, 9, x, eps, eps, clip_x0=True)  # last step: x_prev = x0
-    assert clipped.abs().max() <= 1.0 + 1e-6
+    torch.testing.assert_close(clipped, torch.ones_like(x), rtol=0, atol=1e-6)  # x0 clipped to exactly 1
+    torch.testing.assert_close(Diffusion.step(plan, 9, -x, eps, eps, clip_x0=True), -torch.ones_like(x), rtol=0, atol=1e-6)
     assert Diffusion.step(plan, 9, x, eps, eps, clip_x0=False).abs().max() > 1.0
+    inside = torch.tensor([-0.999, -0.5, 0.5, 0.999]).view(1, 1, 2, 2)  # an x0 in [-1, 1] is left as it is
+    x_t = inside / plan.x0_from_xt[9]
+    torch.testing.assert_close(Diffusion.step(plan, 9, x_t, eps, eps, clip_x0=True),
+                               Diffusion.step(plan, 9, x_t, eps, eps, clip_x0=False), rtol=0, atol=0)
 
 
 def test_ddim_eta0_is_deterministic_and_ddpm_is_not():
