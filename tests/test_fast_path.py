@@ -145,6 +145,17 @@ def test_ema_matches_torchs_averaged_model():
     assert ours.n_averaged == torchs.n_averaged == 4
 
 
+def test_ema_copies_buffers_instead_of_averaging_them():
+    from ddpm.train import EMA
+    net = torch.nn.BatchNorm1d(3)
+    ema = EMA(net, 0.9)
+    for _ in range(2):
+        net(torch.randn(8, 3) + 5)  # moves the running statistics
+        ema.update_parameters(net)
+        assert torch.equal(ema.module.running_mean, net.running_mean)
+        assert torch.equal(ema.module.running_var, net.running_var)
+
+
 def test_sampling_step_never_reads_the_device_from_the_host():
     """No .item() in the step (it would break CUDA-graph capture and sync every step)."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -197,3 +197,58 @@ def test_sample_cli_bad_checkpoints(tmp_path):
     torch.save(state, malformed)
     line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(malformed), "--out", str(tmp_path)), "sample.py")
     assert "does not match the model" in line
+
+
+def _trainer(tmp_path, *overrides):
+    from ddpm import data
+    from ddpm.train import Trainer
+    cfg = ci_config(tmp_path / "unused", *overrides)
+    return Trainer(cfg, "cpu", data.load_digits(cfg.data).images)
+
+
+def test_optimizer_warmup_and_clipping_are_the_configs(tmp_path):
+    trainer = _trainer(tmp_path, "train.lr=0.002", "train.warmup_steps=4", "train.adam_betas=[0.8,0.95]",
+                       "train.weight_decay=0.01", "train.grad_clip=0.001")
+    group = trainer.opt.param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.01
+    lrs = []
+    for step in range(6):
+        lrs.append(group["lr"])  # the rate this step uses
+        trainer.step(step)
+        # the gradients the optimizer stepped with (on the CPU, Adam leaves them in .grad)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.net.parameters()]))
+        assert abs(norm.item() - 0.001) < 1e-6, norm
+    # linear warmup over train.warmup_steps steps: step k runs at lr * (k + 1) / warmup, then lr
+    assert lrs == pytest.approx([0.0005, 0.001, 0.0015, 0.002, 0.002, 0.002])
+    unclipped = _trainer(tmp_path)
+    unclipped.step(0)
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in unclipped.net.parameters()])) > 0.01
+
+
+def test_grad_scaler_state_survives_a_resume(tmp_path):
+    trainer = _trainer(tmp_path, "train.precision=fp16")
+    trainer.step(0)
+    trainer.scaler.update(new_scale=1024.0)
+    state = trainer.state_dict(1)
+    resumed = _trainer(tmp_path, "train.precision=fp16")
+    resumed.load_state_dict(state, "checkpoint.pt")
+    assert resumed.scaler.get_scale() == 1024.0
+
+
+def test_logged_loss_is_the_mean_of_each_window(tmp_path, capsys):
+    """Windows of log_every steps, the last one shorter: each line is the mean of its own steps."""
+    trainer = _trainer(tmp_path)
+    losses = [trainer.step(step).item() for step in range(7)]
+    train(ci_config(tmp_path / "run", "train.steps=7", "train.log_every=5"), progress=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    logged = [float(line.split("loss ")[1].split()[0]) for line in lines]
+    assert [line.split()[1] for line in lines] == ["5/7", "7/7"]
+    assert logged == pytest.approx([sum(losses[:5]) / 5, sum(losses[5:]) / 2], abs=6e-5)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    """make train on a run dir that holds a checkpoint resumes it: a finished run stays as it is."""
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=2"), progress=False)
+    before = ckpt.read_bytes()
+    assert train(ci_config(tmp_path / "run", "train.steps=2"), resume=True, progress=False) == ckpt
+    assert ckpt.read_bytes() == before
