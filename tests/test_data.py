@@ -127,6 +127,19 @@ def test_resident_loader_covers_each_epoch_once_and_is_a_function_of_the_step():
     assert ids(fresh.batch(7)) == ids(loader.batch(7))  # no hidden state: resume-safe
 
 
+def test_an_epoch_drops_the_images_that_do_not_fill_a_batch():
+    images = torch.arange(42, dtype=torch.uint8).view(42, 1, 1).expand(42, 28, 28).contiguous()
+    loader = data.ResidentLoader(images, 8, seed=3, device="cpu", resize="pad")
+    assert loader.steps_per_epoch == 5
+    batches = [((loader.batch(s)[:, 0, 16, 16] + 1) * 127.5).round().long() for s in range(10)]
+    assert all(len(b) == 8 for b in batches)
+    for epoch in (batches[:5], batches[5:]):
+        seen = torch.cat(epoch)
+        assert len(seen.unique()) == 40  # 40 distinct digits of the 42, 2 left out of this epoch
+    # step 5 starts epoch 1 at the head of that epoch's permutation
+    assert batches[5].tolist() == data.epoch_permutation(42, 3, 1)[:8].tolist()
+
+
 def test_ranks_take_disjoint_slices_of_the_global_batch():
     images = torch.arange(32, dtype=torch.uint8).view(32, 1, 1).expand(32, 28, 28).contiguous()
     whole = data.ResidentLoader(images, 8, seed=0, device="cpu", resize="pad")

@@ -197,6 +197,16 @@ def test_sample_cli_bad_checkpoints(tmp_path):
     torch.save(state, malformed)
     line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(malformed), "--out", str(tmp_path)), "sample.py")
     assert "does not match the model" in line
+    bare = tmp_path / "bare.pt"  # a bare state dict, as torch.save(model.state_dict()) writes
+    torch.save(torch.load(ckpt, weights_only=True)["model"], bare)
+    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(bare), "--out", str(tmp_path)), "sample.py")
+    assert "not a checkpoint of this toolkit" in line
+    state = torch.load(ckpt, weights_only=True)
+    state["format_version"] = 99
+    future = tmp_path / "future.pt"
+    torch.save(state, future)
+    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(future), "--out", str(tmp_path)), "sample.py")
+    assert "format version 99" in line
 
 
 def _trainer(tmp_path, *overrides):
