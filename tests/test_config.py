@@ -43,6 +43,23 @@ def test_seed_config_matches_the_seed():
     ("train.lr=inf", "train.lr must be a finite number"),
     ("sample.eta=.nan", "sample.eta must be a finite number"),
     ("train.device=cudafoo", "train.device must be auto, cpu, cuda or cuda:N"),
+    ("model.base_channels=0", "model.base_channels must be > 0"),
+    ("model.time_hidden_mult=0", "model.time_hidden_mult must be > 0"),
+    ("data.image_size=24", "data.image_size must be >= 28"),
+    ("train.steps=0", "train.steps must be >= 1"),
+    ("train.lr=0", "train.lr must be > 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
+    ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+    ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+    ("train.ema_decay=1", "train.ema_decay must lie in [0, 1)"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.checkpoint_every=0", "train.checkpoint_every must be >= 1"),
+    ("train.sample_every=-1", "train.sample_every must be >= 0"),
+    ("train.eval_every=-5", "train.eval_every must be >= 0"),
+    ("sample.steps=0", "sample.steps must lie in [1, diffusion.timesteps=1000]"),
+    ("sample.steps=1001", "sample.steps must lie in [1, diffusion.timesteps=1000]"),
+    ("sample.eta=-0.5", "sample.eta must be >= 0"),
+    ("sample.num_images=0", "sample.num_images must be >= 1"),
 ])
 def test_bad_values_raise_one_clear_line(override, message):
     with pytest.raises(config.ConfigError, match=None) as err:
