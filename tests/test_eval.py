@@ -92,6 +92,11 @@ def test_metrics_tell_real_digits_from_noise(cache, tmp_path):
     assert noise["kid"] > 20 * max(real["kid"], 1e-3 * noise["kid"]), (real, noise)
     assert real["recognizable"] > 0.6 and noise["recognizable"] < 0.2, (real, noise)
     assert real["class_tv"] < 0.1
+    splits = ev.real_splits(ci_config(tmp_path).data)
+    as_bytes = lambda images: {image.numpy().tobytes() for image in images}  # noqa: E731
+    held_out, trained_on = as_bytes(splits.held_out.images), as_bytes(splits.train.images)
+    floor, reference = as_bytes(scorer.floor_images), as_bytes(scorer.reference)
+    assert len(floor) == 400 and floor <= held_out and not floor & trained_on and reference <= trained_on
 
 
 def test_class_histogram_distance():
