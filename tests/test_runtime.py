@@ -54,3 +54,22 @@ def test_cpu_resolves_to_eager_fp32():
     assert runtime.resolve_precision("auto", cpu) == "fp32" and runtime.precision_dtype("auto", cpu) is None
     assert runtime.resolve_compile("auto", cpu) == "none"
     assert runtime.resolve_compile("auto", torch.device("cuda")) == "default"
+
+
+def test_auto_picks_the_fast_path_on_cuda_and_eager_on_a_cpu():
+    from ddpm import config, model
+    from ddpm.sample import step_compile_mode, uses_cuda_graph
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    defaults = config.load(None).model
+    assert model.resolve_backends(defaults, cuda) == ("triton", "sdpa")
+    assert model.resolve_backends(defaults, cpu) == ("torch", "torch")
+    chosen = config.load(None, ["model.kernels=torch", "model.attention=triton"]).model
+    assert model.resolve_backends(chosen, cuda) == model.resolve_backends(chosen, cpu) == ("torch", "triton")
+    assert uses_cuda_graph("auto", cuda) and uses_cuda_graph("enabled", cuda)
+    assert not uses_cuda_graph("auto", cpu) and not uses_cuda_graph("disabled", cuda)
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        uses_cuda_graph("enabled", cpu)
+    # inductor's own CUDA graphs would nest inside the sampler's captured graph
+    assert step_compile_mode("max-autotune", True) == "max-autotune-no-cudagraphs"
+    assert step_compile_mode("max-autotune", False) == "max-autotune"
+    assert step_compile_mode("default", True) == "default"
