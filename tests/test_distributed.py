@@ -42,6 +42,13 @@ def test_ddp_run_resumes_with_another_world_size(tmp_path):
     result = torchrun(2, "train.py", *common, "train.steps=4")
     assert "training on 2 x cpu" in result.stderr
     assert checkpoint.load(out / "checkpoint.pt")["step"] == 4
+    # rank 0 logs the global batch's loss (summed across the ranks), as one process would
+    single = subprocess.run([sys.executable, "train.py", *common, f"train.out_dir={tmp_path / 'single'}", "train.steps=4"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    logged = [float(next(line for line in r.stderr.splitlines() if line.startswith("step 4/4")).split()[3])
+              for r in (result, single)]
+    assert abs(logged[0] - logged[1]) <= 2e-4, logged
     result = subprocess.run([sys.executable, "train.py", *common, "train.steps=6", "--resume"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
