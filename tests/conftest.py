@@ -20,3 +20,25 @@ torch.backends.cuda.matmul.allow_tf32 = False
 @pytest.fixture(scope="session")
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def dispatched_ops():
+    """dispatched_ops(fn) runs fn() and returns the names of the ops it dispatched (aten and custom
+    ops, e.g. "ddpm_kernels.attention.default"): proof of which kernels a backend really runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def run(fn):
+        with Recorder() as recorder:
+            fn()
+        return recorder.names
+    return run

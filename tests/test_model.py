@@ -60,3 +60,20 @@ def test_attention_backends_compute_the_same():
     from kernels import reference
     for heads in (1, 4):
         torch.testing.assert_close(reference.attention_sdpa(qkv, heads), reference.attention(qkv, heads))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU tensors needs the interpreter")
+@pytest.mark.parametrize("kernels, attention, expected", [
+    ("torch", "torch", {"aten.native_group_norm.default", "aten.bmm.default"}),
+    ("torch", "sdpa", {"aten.native_group_norm.default", "aten._scaled_dot_product_flash_attention_for_cpu.default"}),
+    ("triton", "triton", {"ddpm_kernels.group_norm_silu.default", "ddpm_kernels.attention.default"}),
+])
+def test_each_backend_runs_its_own_kernels(dispatched_ops, kernels, attention, expected):
+    """A backend switch that silently fell back to another would pass every equality test."""
+    cfg = config.load("configs/ci.yaml", [f"model.kernels={kernels}", f"model.attention={attention}"])
+    net = model.build(cfg)
+    with torch.no_grad():
+        ops = dispatched_ops(lambda: net(torch.randn(2, 1, 32, 32), torch.tensor([1, 50])))
+    others = {"aten.native_group_norm.default", "aten._scaled_dot_product_flash_attention_for_cpu.default",
+              "ddpm_kernels.group_norm_silu.default", "ddpm_kernels.attention.default"} - expected
+    assert expected <= ops and not others & ops, ops
