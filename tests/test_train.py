@@ -262,3 +262,19 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     before = ckpt.read_bytes()
     assert train(ci_config(tmp_path / "run", "train.steps=2"), resume=True, progress=False) == ckpt
     assert ckpt.read_bytes() == before
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
+    before = ckpt.read_bytes()
+    state = checkpoint.load(ckpt)
+
+    def write_half_then_fail(obj, f, *args, **kwargs):
+        f.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", write_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(state, ckpt)
+    assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == sorted(
+        ["checkpoint.pt", "config.yaml", "tb"])
