@@ -77,3 +77,59 @@ def test_each_backend_runs_its_own_kernels(dispatched_ops, kernels, attention, e
     others = {"aten.native_group_norm.default", "aten._scaled_dot_product_flash_attention_for_cpu.default",
               "ddpm_kernels.group_norm_silu.default", "ddpm_kernels.attention.default"} - expected
     assert expected <= ops and not others & ops, ops
+
+
+def seed_unet_forward(net, x, t):
+    """The seed's UNet as ../shared/seed/FACTS.md states it, written out with torch.nn.functional
+    on net's own parameters: an independent statement of the forward pass to hold model.py to.
+    (Where the facts are silent, the skip is concatenated after the upsampled map, as in model.py.)"""
+    import torch.nn.functional as F
+    p = dict(net.named_parameters())
+    conv = lambda h, name, **kw: F.conv2d(h, p[f"{name}.weight"], p[f"{name}.bias"], **kw)  # noqa: E731
+    norm = lambda h, name: F.group_norm(h, model.num_groups(h.shape[1]), p[f"{name}.weight"], p[f"{name}.bias"])  # noqa: E731
+    linear = lambda h, name: F.linear(h, p[f"{name}.weight"], p[f"{name}.bias"])  # noqa: E731
+
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=x.dtype) / 128)
+    angles = t.to(x.dtype)[:, None] * freqs[None]
+    temb = linear(F.silu(linear(torch.cat([angles.sin(), angles.cos()], 1), "time_embed.1")), "time_embed.3")
+
+    def resblock(h, name):
+        a = conv(F.silu(norm(h, f"{name}.norm1")), f"{name}.conv1", padding=1)
+        a = a + linear(F.silu(temb), f"{name}.time_proj")[:, :, None, None]
+        a = conv(F.silu(norm(a, f"{name}.norm2")), f"{name}.conv2", padding=1)
+        return a + (conv(h, f"{name}.skip") if f"{name}.skip.weight" in p else h)
+
+    def attention(h, name):
+        b, c, hh, ww = h.shape
+        q, k, v = conv(norm(h, f"{name}.norm"), f"{name}.qkv").reshape(b, 3, c, hh * ww).unbind(1)
+        weights = (q.transpose(1, 2) @ k * c**-0.5).softmax(-1)  # [b, query, key]
+        out = (v @ weights.transpose(1, 2)).reshape(b, c, hh, ww)
+        return h + conv(out, f"{name}.proj")
+
+    def up(h, name):
+        return F.conv_transpose2d(h, p[f"{name}.weight"], p[f"{name}.bias"], stride=2, padding=1)
+
+    e1 = resblock(x, "encoder.0")                                           # 1 -> 64 @ 32
+    e2 = resblock(conv(e1, "down.0", stride=2, padding=1), "encoder.1")     # 64 -> 128 @ 16
+    m = resblock(conv(e2, "down.1", stride=2, padding=1), "mid1")           # 128 -> 256 @ 8
+    m = resblock(attention(m, "mid_attn"), "mid2")                          # 256 -> 128
+    d2 = resblock(torch.cat([up(m, "up.0"), e2], 1), "decoder.0")           # 256 -> 64 @ 16
+    d1 = resblock(torch.cat([up(d2, "up.1"), e1], 1), "decoder.1")          # 128 -> 64 @ 32
+    return conv(d1, "out")
+
+
+def test_forward_is_the_seeds_unet():
+    torch.manual_seed(0)
+    net = model.build(config.load("configs/mnist.yaml")).double()
+    x, t = torch.randn(2, 1, 32, 32, dtype=torch.float64), torch.tensor([0, 731])
+    with torch.no_grad():
+        # model.py keeps the sinusoid's frequencies in float32: ~1e-6 of the output at t = 731
+        torch.testing.assert_close(net(x, t), seed_unet_forward(net, x, t), rtol=1e-5, atol=1e-5)
+
+
+def test_flop_count_is_the_seeds():
+    """FACTS.md: 0.892 GFLOP forward and 2.68 GFLOP forward+backward per image (the benchmarks' FLOP/s use this)."""
+    from bench.common import flops_per_image
+    flops = flops_per_image(config.load("configs/mnist.yaml"))
+    assert flops["forward"] / 1e9 == pytest.approx(0.892, abs=5e-4)
+    assert flops["forward_backward"] / 1e9 == pytest.approx(2.68, abs=5e-3)
