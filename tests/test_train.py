@@ -278,3 +278,33 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, 
         checkpoint.save(state, ckpt)
     assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == sorted(
         ["checkpoint.pt", "config.yaml", "tb"])
+
+
+def test_sample_cli_options_reach_the_sampler(tmp_path, monkeypatch):
+    """Every sample.py option lands in the config the sampler runs, and --raw-weights picks the raw weights."""
+    import runpy
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=2"), progress=False)
+    state = checkpoint.load(ckpt)
+    main = runpy.run_path(str(ROOT / "sample.py"))["main"]
+    calls = []
+    monkeypatch.setitem(main.__globals__, "write_samples",
+                        lambda net, cfg, out, device, n, seed: calls.append((net, cfg, n, seed)) or {})
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), *args])
+        main()
+        return calls[-1]
+
+    net, cfg, n, seed = run()
+    s = cfg.sample
+    assert (s.sampler, s.eta, s.variance, s.clip_x0, n, seed) == ("ddpm", 0.0, "beta", True, 64, 0)
+    assert all(torch.equal(v, state["ema"][k]) for k, v in net.state_dict().items())
+    net, cfg, n, seed = run("--n", "3", "--sampler", "ddim", "--steps", "7", "--eta", "0.5", "--variance", "posterior",
+                            "--no-clip", "--precision", "fp16", "--compile", "default", "--cuda-graph", "disabled",
+                            "--raw-weights", "--seed", "5", "--device", "cpu")
+    s = cfg.sample
+    assert (s.sampler, s.steps, s.eta, s.variance, s.clip_x0, s.precision, s.compile, s.cuda_graph) == \
+        ("ddim", 7, 0.5, "posterior", False, "fp16", "default", "disabled")
+    assert (n, seed) == (3, 5)
+    assert all(torch.equal(v, state["model"][k]) for k, v in net.state_dict().items())
+    assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])  # the two differ
