@@ -168,3 +168,35 @@ def test_train_eval_every_is_validated(tmp_path):
     assert ci_config(tmp_path).train.eval_every == 0
     with pytest.raises(ConfigError, match="train.eval_every must be >= 0"):
         ci_config(tmp_path, "train.eval_every=-1")
+
+
+def test_evaluate_cli_options_reach_the_sampler(ckpt, monkeypatch):
+    """--raw-weights loads the raw weights; --n, --sampler, --steps, --batch-size, --seed and the
+    runtime options reach the evaluation (stopped there: no classifier, no sampling)."""
+    import runpy
+    main = runpy.run_path(str(ROOT / "evaluate.py"))["main"]
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def load_model(path, device, use_ema=True):
+        seen.append(use_ema)
+        return real_load_model(path, device, use_ema)
+
+    def evaluate(net, cfg, device, n, sampler, steps, batch_size, seed, **kwargs):
+        s = cfg.sample
+        seen.append((s.precision, s.compile, s.cuda_graph, n, sampler, steps, batch_size, seed))
+        raise Stop
+
+    real_load_model = main.__globals__["load_model"]
+    monkeypatch.setitem(main.__globals__, "load_model", load_model)
+    monkeypatch.setitem(main.__globals__, "Scorer", lambda *args, **kwargs: None)
+    monkeypatch.setitem(main.__globals__, "evaluate", evaluate)
+    for args in ([], ["--raw-weights", "--n", "30", "--sampler", "ddpm", "--steps", "7", "--batch-size", "9",
+                      "--seed", "3", "--precision", "fp16", "--compile", "default", "--cuda-graph", "disabled"]):
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", str(ckpt), "--device", "cpu", *args])
+        with pytest.raises(Stop):
+            main()
+    assert seen == [True, ("auto", "auto", "auto", 10_000, "ddim", 50, 500, 0),
+                    False, ("fp16", "default", "disabled", 30, "ddpm", 7, 9, 3)]
