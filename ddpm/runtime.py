@@ -1,6 +1,8 @@
 """How the model runs on this machine: device, autocast precision, torch.compile, cache dir.
 Shared by training, sampling and evaluation; "auto" settings resolve here."""
 import os
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -8,9 +10,32 @@ import torch
 from ddpm.config import UserError
 
 
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # there when the NVIDIA kernel driver is loaded
+
+
+def unusable_gpu_note() -> str | None:
+    """What to do when the machine has an NVIDIA GPU that this torch cannot use (a CUDA 13 wheel on a
+    CUDA 12 driver, or a CPU-only wheel), else None: without it, `auto` would quietly train on the CPU."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")  # hidden on purpose
+    if torch.cuda.is_available() or hidden or not NVIDIA_DRIVER.exists():
+        return None
+    try:  # "NVRM version: NVIDIA UNIX [Open ]Kernel Module [for x86_64]  550.54.15  ..."
+        driver = re.search(r"\s(\d+\.\d+(?:\.\d+)?)\s", NVIDIA_DRIVER.read_text()).group(1)
+    except (OSError, AttributeError):
+        driver = "version unknown"
+    return (f"this machine has an NVIDIA GPU (driver {driver}) that torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda or 'none: a CPU build'}) cannot use; install the torch wheels for the "
+            f"driver's CUDA version (README: 'Kaggle-style 2xT4 machines')")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        note = unusable_gpu_note()
+        if note:
+            print(f"warning: {note}; running on the CPU", file=sys.stderr)
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -18,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} requested but this machine has no CUDA device; use cpu or auto")
+        raise UserError(unusable_gpu_note() or f"device {name} requested but this machine has no CUDA device; use cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"device {name} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:

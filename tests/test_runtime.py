@@ -73,3 +73,29 @@ def test_auto_picks_the_fast_path_on_cuda_and_eager_on_a_cpu():
     assert step_compile_mode("max-autotune", True) == "max-autotune-no-cudagraphs"
     assert step_compile_mode("max-autotune", False) == "max-autotune"
     assert step_compile_mode("default", True) == "default"
+
+
+DRIVER_FILE = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build  (dvs-builder@U16)\n"
+               "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+
+
+def test_a_gpu_this_torch_cannot_use_is_named_not_skipped_silently(monkeypatch, tmp_path, capsys):
+    """A CUDA 13 torch on a CUDA 12 driver (Kaggle) sees no GPU: auto says so before training on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(runtime, "NVIDIA_DRIVER", tmp_path / "absent")
+    assert runtime.unusable_gpu_note() is None
+    assert runtime.resolve_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
+
+    (tmp_path / "version").write_text(DRIVER_FILE)
+    monkeypatch.setattr(runtime, "NVIDIA_DRIVER", tmp_path / "version")
+    assert runtime.resolve_device("auto") == torch.device("cpu")
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "driver 550.54.15" in warning and "Kaggle" in warning
+    with pytest.raises(UserError, match=r"driver 550\.54\.15.*install the torch wheels"):
+        runtime.resolve_device("cuda")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden on purpose
+    assert runtime.unusable_gpu_note() is None
+    with pytest.raises(UserError, match="has no CUDA device"):
+        runtime.resolve_device("cuda")
