@@ -1,4 +1,4 @@
-# make setup | train | demo | sample CKPT=... | eval CKPT=... | test | bench | profile | tensorboard
+# make setup | train | demo | sample CKPT=... | eval CKPT=... | test | bench | bench-compare | profile | tensorboard
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +15,7 @@ OUT_DIR = $(shell $(PYTHON) -c "import sys; from ddpm import config; print(confi
 # A run dir that already holds a checkpoint is continued, never replaced.
 RESUME_IF_PRESENT = $(if $(wildcard $(1)/checkpoint.pt),--resume)
 
-.PHONY: setup train demo sample eval test bench profile gpu-check-prep tensorboard clean
+.PHONY: setup train demo sample eval test bench bench-compare profile gpu-check-prep tensorboard clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,10 @@ test: setup
 
 bench: setup
 	$(PYTHON) -m pytest bench -q --benchmark-quiet $(ARGS)
+
+# how this machine's last `make bench` moved against its results committed at HEAD (ARGS="--against REV|OLD.json")
+bench-compare: setup
+	$(PYTHON) -m bench.compare $(ARGS)
 
 profile: setup
 	$(PYTHON) -m bench.profile --config $(CONFIG) $(ARGS)

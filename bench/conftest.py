@@ -34,7 +34,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    path = results_path(config).with_suffix(".json")
+    path = results_path(config.getoption("--bench-out")).with_suffix(".json")
     if config.getoption("--bench-append", False) and path.exists():
         ROWS.extend(json.loads(path.read_text())["results"])
 
@@ -146,18 +146,18 @@ def _fmt(v):
     return str(v)
 
 
-def results_path(config) -> Path:
-    """<out dir>/<device slug>, without suffix."""
+def results_path(out_dir=None) -> Path:
+    """This machine's results file: <out dir, default bench/results>/<device slug>, without suffix."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = slug(device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}-cores")
-    return Path(config.getoption("--bench-out") or RESULTS_DIR) / name
+    return Path(out_dir or RESULTS_DIR) / name
 
 
 def write_results(config) -> tuple[Path, str]:
     env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rows = [{**r} for r in ROWS]
     speedups(rows)
-    path = results_path(config)
+    path = results_path(config.getoption("--bench-out"))
     path.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(env, rows)
     # whole files or none: a part killed by its time limit mid-write must not spoil the next part's read

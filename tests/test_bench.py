@@ -1,6 +1,10 @@
-"""bench/'s arithmetic: which baseline each result row is divided by."""
+"""bench/'s arithmetic: which baseline each result row is divided by, and how two runs compare."""
+import json
+import subprocess
+
 import pytest
 
+from bench import compare
 from bench.conftest import speedups
 
 
@@ -30,3 +34,54 @@ def test_training_rows_of_several_precisions_share_the_eager_fp32_baseline():
             dict(kind="train", workload="train step", variant="fp16", batch=64, precision="fp16", median_ms=30.0)]
     speedups(rows)
     assert rows[1]["speedup_vs_eager"] == pytest.approx(3.0)
+
+
+def results(device="H100", commit="a", rows=()):
+    return {"environment": {"device": device, "commit": commit, "date": "today", "torch": "2.11"}, "results": list(rows)}
+
+
+def timed(variant, median_ms, spread_ms, **fields):
+    return dict(kind="train", workload="train step", variant=variant, batch=64, precision="bf16",
+                median_ms=median_ms, spread_ms=spread_ms, **fields)
+
+
+def test_a_change_counts_only_beyond_the_spread():
+    old = results(rows=[timed("eager-fp32", 100.0, 4.0), timed("default", 20.0, 1.0, speedup_vs_eager=5.0),
+                        timed("gone", 1.0, 0.1), dict(kind="peak", workload="matmul", variant="-")])
+    new = results(commit="b", rows=[timed("eager-fp32", 103.0, 2.0), timed("default", 25.0, 1.0, speedup_vs_eager=4.12),
+                                    timed("new", 1.0, 0.1), dict(kind="peak", workload="matmul", variant="-")])
+    lines = compare.compare(old, new)
+    assert [(line["key"][2], line["verdict"]) for line in lines] == [("eager-fp32", ""), ("default", "slower")]
+    assert lines[1]["time_ratio"] == pytest.approx(1.25)
+    assert compare.compare(new, old)[1]["verdict"] == "faster"
+    other_batch = results(rows=[timed("default", 99.0, 1.0) | {"batch": 512}])
+    assert compare.compare(other_batch, new) == []
+    table = compare.markdown(old, new, lines)
+    assert "| default | 64 | bf16 | 20 | 25 | 1.250 | 5 → 4.12 | slower |" in table
+    assert "2 rows in both runs; 1 moved" in table
+
+
+def test_runs_of_two_devices_or_other_files_are_refused(tmp_path, capsys):
+    with pytest.raises(compare.CompareError, match="two devices"):
+        compare.compare(results("H100"), results("Tesla T4"))
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(results()))
+    (tmp_path / "notes.json").write_text('{"device": "H100"}')
+    assert compare.main([str(new), "--against", str(tmp_path / "notes.json")]) == 2
+    assert "is not a results file" in capsys.readouterr().err
+    assert compare.main([str(tmp_path / "absent.json")]) == 2
+    assert "run `make bench` first" in capsys.readouterr().err
+
+
+def test_the_earlier_run_defaults_to_the_committed_file(tmp_path, capsys):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    path = tmp_path / "h100.json"
+    path.write_text(json.dumps(results(rows=[timed("default", 20.0, 1.0)])))
+    subprocess.run(git + ["add", "h100.json"], check=True)
+    subprocess.run(git + ["commit", "-qm", "bench"], check=True)
+    path.write_text(json.dumps(results(commit="b", rows=[timed("default", 10.0, 1.0)])))
+    assert compare.main([str(path)]) == 0
+    assert "| 20 | 10 | 0.500 |" in capsys.readouterr().out
+    assert compare.main([str(path), "--against", "nosuchrev"]) == 2
+    assert "neither a results file nor a git revision" in capsys.readouterr().err
