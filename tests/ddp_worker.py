@@ -18,4 +18,7 @@ for step in range(steps):
         torch.save({n: p.grad.clone() for n, p in trainer.net.named_parameters()},
                    out / f"grads-world{world.world_size}-rank{world.rank}.pt")
 torch.save(trainer.net.state_dict(), out / f"world{world.world_size}-rank{world.rank}.pt")
+# how many graphs dynamo compiled (0 in eager runs): one per compiled run, none recompiled
+(out / f"graphs-world{world.world_size}-rank{world.rank}.txt").write_text(
+    str(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
 distributed.shutdown()

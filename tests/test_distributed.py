@@ -36,6 +36,31 @@ def test_two_ranks_stay_identical_and_match_one_process_on_the_global_batch(tmp_
         torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=5e-3)
 
 
+def test_ddp_around_the_compiled_unet_trains_as_the_eager_ddp_run(tmp_path, monkeypatch):
+    """The CUDA default under NPROC=2: DDP wraps the compiled UNet (one graph per rank, no recompile)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    (tmp_path / "eager").mkdir()
+    (tmp_path / "compiled").mkdir()
+    torchrun(2, "tests/ddp_worker.py", tmp_path / "eager", 3)
+    torchrun(2, "tests/ddp_worker.py", tmp_path / "compiled", 3, "train.compile=default")
+    load = lambda run, name: torch.load(tmp_path / run / f"{name}.pt")  # noqa: E731
+    for rank in (0, 1):
+        assert (tmp_path / "compiled" / f"graphs-world2-rank{rank}.txt").read_text() == "1"
+        assert (tmp_path / "eager" / f"graphs-world2-rank{rank}.txt").read_text() == "0"
+    grads, compiled_grads = load("eager", "grads-world2-rank0"), load("compiled", "grads-world2-rank0")
+    # the first step's all-reduced gradients, summed in another order; the absolute tolerance is for the
+    # gradients that are zero but for rounding (biases before a GroupNorm), scaled to the largest gradient
+    scale = max(g.abs().max().item() for g in grads.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(compiled_grads[name], g, rtol=1e-4, atol=1e-6 * scale)
+    eager, compiled, compiled1 = load("eager", "world2-rank0"), load("compiled", "world2-rank0"), load("compiled", "world2-rank1")
+    for name, w in eager.items():
+        assert torch.equal(compiled[name], compiled1[name]), name
+        # Adam moves a weight whose gradient is zero but for rounding by up to lr (1e-3) a step, either
+        # way: two runs part by up to 2 lr a step
+        torch.testing.assert_close(compiled[name], w, rtol=0, atol=2 * 1e-3 * 3)
+
+
 def test_ddp_run_resumes_with_another_world_size(tmp_path):
     out = tmp_path / "run"
     common = ["--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={out}", "train.batch_size=8"]
