@@ -80,7 +80,8 @@ timeout "${GPU_CHECK_TEST_SECONDS:-130}" $PY -m pytest -v ${PARALLEL[@]+"${PARAL
   tests/test_group_norm_silu.py tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"; echo
 echo "== 2/3 benchmarks ($SIZE): training, kernels, sampling, input"
-VARIANTS=$($PY -c "from bench.variants import GPU_CHECK; print(','.join(GPU_CHECK))")
+TRAIN_VARIANTS=$($PY -c "from bench.variants import GPU_CHECK_TRAIN; print(','.join(GPU_CHECK_TRAIN))")
+SAMPLE_VARIANTS=$($PY -c "from bench.variants import GPU_CHECK_SAMPLE; print(','.join(GPU_CHECK_SAMPLE))")
 # Each benchmark has its own share of the stage's time, so a slow one (compiles) cannot starve
 # the others; the first starts this device's results file, the others add their rows to it.
 BENCH_SECONDS=${GPU_CHECK_BENCH_SECONDS:-225}
@@ -90,14 +91,14 @@ bench_part() {  # percent of the stage's time, then what pytest runs
   local limit=$((BENCH_SECONDS * $1 / 100)); shift
   echo "-- $* ($limit s)" >> "$OUT/bench.txt"
   timeout "$limit" $PY -m pytest -q -p no:cacheprovider --benchmark-quiet --bench-size="$SIZE" --bench-out "$OUT" \
-    ${APPEND[@]+"${APPEND[@]}"} --bench-variants "$VARIANTS" "$@" >> "$OUT/bench.txt" 2>&1 \
+    ${APPEND[@]+"${APPEND[@]}"} "$@" >> "$OUT/bench.txt" 2>&1 \
     || { status=1; echo "($*: failed or hit its time limit; $OUT has the rows measured so far)"; }
   APPEND=(--bench-append)
 }
-bench_part 38 bench/test_train_throughput.py
+bench_part 38 bench/test_train_throughput.py --bench-variants "$TRAIN_VARIANTS"
 bench_part 22 bench/test_kernels.py -k group_norm_silu
 bench_part 12 bench/test_kernels.py -k attention
-bench_part 23 bench/test_sampling.py
+bench_part 23 bench/test_sampling.py --bench-variants "$SAMPLE_VARIANTS"
 bench_part 5 bench/test_input_pipelines.py
 grep -E "^-- bench/|(passed|failed|errors?)( in [0-9.]+s|,)|^\(" "$OUT/bench.txt"
 echo "== 3/3 $STEPS steps, eager fp32 vs default, same seed"

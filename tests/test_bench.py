@@ -85,3 +85,11 @@ def test_the_earlier_run_defaults_to_the_committed_file(tmp_path, capsys):
     assert "| 20 | 10 | 0.500 |" in capsys.readouterr().out
     assert compare.main([str(path), "--against", "nosuchrev"]) == 2
     assert "neither a results file nor a git revision" in capsys.readouterr().err
+
+
+def test_the_gpu_check_names_variants_that_exist_in_their_order():
+    """A misspelt name would be filtered out silently, and the order is the priority under the time limit."""
+    from bench import variants
+    for chosen, known in ((variants.GPU_CHECK_TRAIN, variants.TRAIN), (variants.GPU_CHECK_SAMPLE, variants.SAMPLE)):
+        assert chosen == [name for name in known if name in chosen]
+        assert chosen[:2] == [variants.BASELINE, "default"]
