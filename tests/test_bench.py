@@ -1,6 +1,9 @@
-"""bench/'s arithmetic: which baseline each result row is divided by, and how two runs compare."""
+"""bench/'s tools: which baseline each result row is divided by, how two runs compare, the profiler
+and the loss comparison."""
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +96,30 @@ def test_the_gpu_check_names_variants_that_exist_in_their_order():
     for chosen, known in ((variants.GPU_CHECK_TRAIN, variants.TRAIN), (variants.GPU_CHECK_SAMPLE, variants.SAMPLE)):
         assert chosen == [name for name in known if name in chosen]
         assert chosen[:2] == [variants.BASELINE, "default"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_make_profile_writes_traces_for_tensorboard_and_prints_the_top_operators(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.profile", "--config", "configs/ci.yaml", "--train-steps", "2",
+                             "--sample-steps", "2", "--out", str(tmp_path), "sample.num_images=4"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "== train: top operators over 2 steps" in result.stdout and "== sample: top operators" in result.stdout
+    for phase, op in (("train", "aten::convolution_backward"), ("sample", "aten::convolution")):
+        (trace,) = (tmp_path / "tb").glob(f"{phase}.*.pt.trace.json")
+        names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+        assert op in names, phase
+
+
+def test_the_loss_comparison_of_two_identical_paths_finds_no_difference(tmp_path):
+    """On a CPU the default path is eager fp32: the same seed must give the very same losses."""
+    result = subprocess.run([sys.executable, "-m", "bench.compare_losses", "--config", "configs/ci.yaml", "--steps", "20",
+                             "--window", "5", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "loss_comparison.json").read_text())
+    eager, default = report["runs"]["eager-fp32"], report["runs"]["default"]
+    assert len(eager["curve"]) == 4 and eager["curve"] == default["curve"]
+    assert report["relative_final_loss_difference"] == 0.0
+    assert "relative final-loss difference (default vs eager): +0.00%" in (tmp_path / "loss_comparison.md").read_text()
