@@ -1,10 +1,17 @@
 """Fused y = SiLU(GroupNorm(x + t[:, :, None, None])) in Triton, registered as a torch custom op.
 
-One program per (sample, group). In NCHW a group's C/G channels are one contiguous run of
-C/G * H*W elements, walked as [BLOCK_C, BLOCK_HW] tiles so per-channel sums (dgamma, dbeta, dt)
-are row sums of a tile. Statistics are fp32 whatever the input dtype. The backward writes
-per-(sample, channel) partial sums that torch reduces over the batch: deterministic, no atomics.
+One program per (sample, group), walking the group's C/G channels x H*W positions as
+[BLOCK_C, BLOCK_HW] tiles, so per-channel sums (dgamma, dbeta, dt) are row sums of a tile.
+Statistics are fp32 whatever the input dtype. The backward writes per-(sample, channel) partial
+sums that torch reduces over the batch: deterministic, no atomics.
+
+Both memory formats run as they are: NCHW (a group is one contiguous run) and channels-last
+(inductor's layout for convolutions in inference graphs; a group is C/G contiguous channels at
+each position). The output keeps the input's format, and the op is tagged flexible_layout, so
+inductor passes a channels-last graph's activations straight in instead of copying them to NCHW
+and back around every call.
 """
+import inspect
 from typing import Optional
 
 import torch
@@ -17,11 +24,21 @@ _MAX_TILE = 2048
 
 
 @triton.jit
-def _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW,
+def _group_layout(n, c_first, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Offset of the group's first element, and the steps to the next channel and the next position.
+    x, y, dy and dx share one layout."""
+    base = n.to(tl.int64) * C * HW
+    if CHANNELS_LAST:
+        return base + c_first, 1, C
+    return base + c_first * HW, HW, 1
+
+
+@triton.jit
+def _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
                HAS_T: tl.constexpr, BLOCK_HW: tl.constexpr):
     hws = hw0 + tl.arange(0, BLOCK_HW)
     mask = c_mask[:, None] & (hws < HW)[None, :]
-    offs = base + cs[:, None] * HW + hws[None, :]
+    offs = base + cs[:, None] * stride_c + hws[None, :] * stride_hw
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_T:
         v += t_row[:, None]  # masked lanes now hold t, not 0: reductions must re-mask
@@ -31,12 +48,12 @@ def _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW,
 @triton.jit
 def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                 G, CPG, HW, eps,
-                HAS_T: tl.constexpr, ACTIVATION: tl.constexpr,
+                HAS_T: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
     n = pid // G
     c_first = (pid % G) * CPG
-    base = pid.to(tl.int64) * CPG * HW
+    base, stride_c, stride_hw = _group_layout(n, c_first, G * CPG, HW, CHANNELS_LAST)
     group_size = CPG * HW
 
     # Mean and M2 exact (two-pass, in registers) per tile, merged across tiles with Chan's
@@ -50,7 +67,8 @@ def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         t_row = tl.load(t_ptr + n * G * CPG + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) \
             if HAS_T else None
         for hw0 in range(0, HW, BLOCK_HW):
-            v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, HAS_T, BLOCK_HW)
+            v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
+                                       HAS_T, BLOCK_HW)
             tile_count = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(HW - hw0, BLOCK_HW)).to(tl.float32)
             tile_mean = tl.sum(tl.where(mask, v, 0.0)) / tile_count
             d = tl.where(mask, v - tile_mean, 0.0)
@@ -72,7 +90,8 @@ def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         scale = tl.load(w_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) * rstd
         shift = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) - mean * scale
         for hw0 in range(0, HW, BLOCK_HW):
-            v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, HAS_T, BLOCK_HW)
+            v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
+                                       HAS_T, BLOCK_HW)
             y = v * scale[:, None] + shift[:, None]
             if ACTIVATION:
                 y = y * tl.sigmoid(y)
@@ -80,10 +99,10 @@ def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
 
 
 @triton.jit
-def _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW, mean, rstd, w, b,
+def _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, mean, rstd, w, b,
               HAS_T: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_HW: tl.constexpr):
     """xhat and dL/d(pre-activation) of one tile; both are 0-safe where masked (dy loads as 0)."""
-    v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, HAS_T, BLOCK_HW)
+    v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
     xhat = (v - mean) * rstd
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if ACTIVATION:
@@ -97,12 +116,12 @@ def _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW, mean, rstd, w, b,
 def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
                 dx_ptr, dt_ptr, dw_partial_ptr, db_partial_ptr,
                 G, CPG, HW,
-                HAS_T: tl.constexpr, ACTIVATION: tl.constexpr,
+                HAS_T: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
     n = pid // G
     c_first = (pid % G) * CPG
-    base = pid.to(tl.int64) * CPG * HW
+    base, stride_c, stride_hw = _group_layout(n, c_first, G * CPG, HW, CHANNELS_LAST)
     group_size = CPG * HW
     mean = tl.load(mean_ptr + pid)
     rstd = tl.load(rstd_ptr + pid)
@@ -121,7 +140,7 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
         acc_g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
         acc_gx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
         for hw0 in range(0, HW, BLOCK_HW):
-            xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW,
+            xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
                                             mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
             acc_g += g
             acc_gx += g * xhat
@@ -143,7 +162,7 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
         b = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
         acc_dx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
         for hw0 in range(0, HW, BLOCK_HW):
-            xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW,
+            xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
                                             mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
             dx = rstd * (g * w[:, None] - xhat * c1 - c2)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -153,11 +172,30 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
             tl.store(dt_ptr + nc_row + cs, tl.sum(acc_dx, axis=1), mask=c_mask)
 
 
-def _launch_config(channels_per_group: int, hw: int):
-    block_hw = min(triton.next_power_of_2(hw), _MAX_TILE)
-    block_c = min(triton.next_power_of_2(channels_per_group), _MAX_TILE // block_hw)
+def _launch_config(channels_per_group: int, hw: int, channels_last: bool):
+    """Tiles as long as possible along the contiguous axis: H*W in NCHW, the group's channels in
+    channels-last (where each position holds only C/G of them)."""
+    if channels_last:
+        block_c = min(triton.next_power_of_2(channels_per_group), _MAX_TILE)
+        block_hw = min(triton.next_power_of_2(hw), _MAX_TILE // block_c)
+    else:
+        block_hw = min(triton.next_power_of_2(hw), _MAX_TILE)
+        block_c = min(triton.next_power_of_2(channels_per_group), _MAX_TILE // block_hw)
     num_warps = max(1, min(8, block_c * block_hw // 256))
     return dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels run x in: channels-last as it comes, anything else as NCHW."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# Inductor may hand a flexible_layout op any strides (where custom_op takes tags: 2.11 and 2.14 do; 2.6's
+# does not, and inductor keeps the traced NCHW strides, copying as before).
+_FLEXIBLE = ({"tags": (torch.Tag.flexible_layout,)}
+             if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
 
 
 def _check(x, weight, bias, time_bias, num_groups):
@@ -170,14 +208,15 @@ def _check(x, weight, bias, time_bias, num_groups):
                  lambda: f"time bias must be [N, C] = {list(x.shape[:2])}, got {list(time_bias.shape)}")
 
 
-@torch.library.custom_op("ddpm_kernels::group_norm_silu", mutates_args=())
+@torch.library.custom_op("ddpm_kernels::group_norm_silu", mutates_args=(), **_FLEXIBLE)
 def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          time_bias: Optional[torch.Tensor], num_groups: int, eps: float,
                          activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(x, weight, bias, time_bias, num_groups)
-    x = x.contiguous()
+    layout = _memory_format(x)
+    x = x.contiguous(memory_format=layout)
     n, c, h, w = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, memory_format=layout)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     has_t = time_bias is not None
@@ -185,7 +224,8 @@ def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     _fwd_kernel[(n * num_groups,)](
         x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(),
         y, mean, rstd, num_groups, c // num_groups, h * w, eps,
-        HAS_T=has_t, ACTIVATION=activation, **_launch_config(c // num_groups, h * w))
+        HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=layout == torch.channels_last,
+        **_launch_config(c // num_groups, h * w, layout == torch.channels_last))
     return y, mean, rstd
 
 
@@ -193,26 +233,28 @@ def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def _(x, weight, bias, time_bias, num_groups, eps, activation):
     _check(x, weight, bias, time_bias, num_groups)
     mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-    return x.new_empty(x.shape), mean, torch.empty_like(mean)
+    return torch.empty_like(x, memory_format=_memory_format(x)), mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("ddpm_kernels::group_norm_silu_backward", mutates_args=())
+@torch.library.custom_op("ddpm_kernels::group_norm_silu_backward", mutates_args=(), **_FLEXIBLE)
 def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          time_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                          activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dx, dt ([N, C], or empty when there is no time bias), dweight, dbias."""
-    x, dy = x.contiguous(), dy.contiguous()
+    layout = _memory_format(x)
+    x, dy = x.contiguous(memory_format=layout), dy.contiguous(memory_format=layout)
     n, c, h, w = x.shape
     num_groups = mean.shape[1]
     has_t = time_bias is not None
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x, memory_format=layout)
     dw_partial = torch.empty((n, c), device=x.device, dtype=torch.float32)
     db_partial = torch.empty_like(dw_partial)
     dt = torch.empty_like(dw_partial) if has_t else dw_partial.new_empty(0)
     _bwd_kernel[(n * num_groups,)](
         x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(), dy,
         mean, rstd, dx, dt, dw_partial, db_partial, num_groups, c // num_groups, h * w,
-        HAS_T=has_t, ACTIVATION=activation, **_launch_config(c // num_groups, h * w))
+        HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=layout == torch.channels_last,
+        **_launch_config(c // num_groups, h * w, layout == torch.channels_last))
     return (dx, dt.to(time_bias.dtype) if has_t else dt,
             dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype))
 
@@ -220,7 +262,8 @@ def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 @_group_norm_silu_bwd.register_fake
 def _(dy, x, weight, bias, time_bias, mean, rstd, activation):
     dt = time_bias.new_empty(time_bias.shape) if time_bias is not None else x.new_empty(0, dtype=torch.float32)
-    return x.new_empty(x.shape), dt, weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+    return (torch.empty_like(x, memory_format=_memory_format(x)), dt, weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape))
 
 
 def _setup_context(ctx, inputs, output):

@@ -70,9 +70,14 @@ def _assert_close(got, want, tol, names):
         assert err <= tol * max(scale, 1e-3), f"{name}: max error {err:.3g} vs magnitude {scale:.3g}"
 
 
-def _check(shape, groups, has_t, activation, device, dtype, param_dtype=None, offset=0.0, tol=None):
+def _check(shape, groups, has_t, activation, device, dtype, param_dtype=None, offset=0.0, tol=None,
+           memory_format=torch.contiguous_format, dy_format=None):
     x, weight, bias, t, dy = _inputs(shape, has_t, device, dtype, param_dtype, offset)
+    x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
+    dy = dy.contiguous(memory_format=dy_format or memory_format)
     got = _run(group_norm_silu, x, weight, bias, t, dy, groups, activation)
+    # the output and dx keep the input's layout: inductor plans the next op's reads on it
+    assert got[0].stride() == got[1].stride() == x.stride()
     want = _reference(x, weight, bias, t, dy, groups, activation)
     assert got[0].dtype == dtype
     for g, leaf in zip(got[1:], (x, weight, bias, t)):
@@ -87,6 +92,20 @@ def test_matches_reference(shape, groups, has_t, activation, dtype, device):
     if dtype not in _dtypes(device):
         pytest.skip("this GPU has no bf16")
     _check(shape, groups, has_t, activation, device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,groups,has_t,activation", SHAPES[:3] + SHAPES[5:], ids=lambda v: str(v))
+def test_channels_last_runs_as_it_comes(shape, groups, has_t, activation, dtype, device):
+    """The layout inductor gives convolutions in inference graphs: read and written in place, no copies."""
+    _check(shape, groups, has_t, activation, device, dtype, memory_format=torch.channels_last)
+
+
+def test_a_gradient_in_the_other_layout(device):
+    """dy need not come in x's layout (the op is flexible_layout): the backward brings it to x's."""
+    _check((2, 16, 4, 4), 8, True, True, device, torch.float32, memory_format=torch.channels_last,
+           dy_format=torch.contiguous_format)
+    _check((2, 16, 4, 4), 8, True, True, device, torch.float32, dy_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("has_t", [True, False])
@@ -138,6 +157,12 @@ def test_opcheck(device):
     with torch.no_grad():
         torch.library.opcheck(torch.ops.ddpm_kernels.group_norm_silu_backward.default,
                               (dy, x, weight, bias, t, mean, rstd, True))
+    # channels-last: the fake implementation must give the real output's strides
+    x_cl, dy_cl = (v.detach().contiguous(memory_format=torch.channels_last) for v in (x, dy))
+    torch.library.opcheck(op, (x_cl.requires_grad_(), weight, bias, t, 2, 1e-5, True))
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.ddpm_kernels.group_norm_silu_backward.default,
+                              (dy_cl, x_cl, weight, bias, t, mean, rstd, True))
 
 
 class _TinyBlock(torch.nn.Module):
