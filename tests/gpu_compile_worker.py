@@ -1,6 +1,6 @@
 """Run by tests/test_kernels_compile_for_gpus.py, without TRITON_INTERPRET: compiles every Triton kernel
 launch of the seed UNet's training step (forward and backward, fp32 and fp16 autocast; bf16 where the
-card has it) ahead of time for a T4 (sm_75) and an H100 (sm_90), with no GPU, and prints one JSON line
+card has it) and of its channels-last sampling step ahead of time for a T4 (sm_75) and an H100 (sm_90), with no GPU, and prints one JSON line
 per compiled kernel: its launch, shared memory, and registers and spill bytes per thread.
 
 The kernels' launch sites are run for real on CPU tensors with each @triton.jit kernel replaced by a
@@ -60,6 +60,8 @@ def signature(fn, args, kwargs):
             sig[param.name] = "*" + TRITON_DTYPES[arg.dtype]
         elif isinstance(arg, bool):
             sig[param.name] = "i1"
+        elif isinstance(arg, int) and arg == 1:  # Triton's launcher compiles an int equal to 1 as a constant
+            sig[param.name], constants[param.name] = "constexpr", 1
         elif isinstance(arg, int):
             sig[param.name] = "i32" if -2**31 <= arg < 2**31 else "i64"
         elif isinstance(arg, float):
@@ -96,6 +98,11 @@ def record_launches(sms: int, major: int, dtype: torch.dtype) -> list:
     Recorder.case = "seed UNet"
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         net(x, t).float().sum().backward()
+    # Sampling: inductor runs an inference graph's convolutions channels-last, and the GroupNorm
+    # op reads and writes that layout as it is.
+    Recorder.case = "seed UNet, channels-last sampling"
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t)
     # Attention's tiles depend on the batch (enough programs to fill the SMs): the seed's training
     # batches; then wider models' heads and attention at 16x16.
     for case, batch, heads, seq in (("seed UNet", 64, 1, 64), ("seed UNet", 512, 1, 64),
