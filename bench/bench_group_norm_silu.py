@@ -22,7 +22,7 @@ from kernels.group_norm_silu import group_norm_silu as triton_group_norm_silu  #
 # has measured the shapes where bandwidth counts most.
 UNET_SHAPES = [(128, 32, 32, 8), (64, 32, 32, 8), (256, 16, 16, 8), (128, 16, 16, 8),
                (64, 16, 16, 8), (256, 8, 8, 8), (128, 8, 8, 8), (1, 32, 32, 1)]
-QUICK_SHAPES = [(1, 32, 32, 1)]  # 8 programs at batch 8: seconds in the interpreter
+QUICK_SHAPES = [(8, 8, 8, 2), (1, 32, 32, 1)]  # 16 and 8 programs at batch 8: seconds in the interpreter
 QUICK_BATCH = 8
 
 
@@ -64,34 +64,47 @@ def run(device: str, batch_sizes=(64, 512), quick: bool = False, dtypes=None):
     for dtype in dtypes:
         for n in batch_sizes:
             for c, h, w, groups in shapes:
-                gen = torch.Generator().manual_seed(0)
-                x, dy = (torch.randn(n, c, h, w, generator=gen).to(device, dtype) for _ in range(2))
-                t = torch.randn(n, c, generator=gen).to(device, dtype)
-                # As in the model under autocast: half activations, fp32 affine parameters, and
-                # the composite's group_norm running in fp32 (autocast's rule for it).
-                gamma, beta = (torch.randn(c, generator=gen).to(device) for _ in range(2))
-                leaves = [v.detach().requires_grad_() for v in (x, t, gamma, beta)]
-                autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-                for variant, make in _variants().items():
-                    op = make()
+                yield from _measure(device, n, c, h, w, groups, dtype, torch.contiguous_format, timing)
+    # Last: the sampling step's layout (inductor runs an inference graph channels-last on CUDA),
+    # forward only, at the first batch size and the model's dtype. (One channel is both layouts.)
+    for c, h, w, groups in (shape for shape in shapes if shape[0] > 1):
+        yield from _measure(device, batch_sizes[0], c, h, w, groups, dtypes[-1], torch.channels_last, timing,
+                            passes=("fwd",))
 
-                    def forward(op=op):
-                        with torch.no_grad(), torch.autocast(**autocast):
-                            return op(x, gamma, beta, groups, 1e-5, t, True)
 
-                    def forward_backward(op=op):
-                        lx, lt, lg, lb = leaves
-                        with torch.autocast(**autocast):
-                            y = op(lx, lg, lb, groups, 1e-5, lt, True)
-                        return torch.autograd.grad(y, leaves, dy)
+def _measure(device, n, c, h, w, groups, dtype, memory_format, timing, passes=("fwd", "fwd+bwd")):
+    gen = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(memory_format=memory_format)
+             for _ in range(2))
+    t = torch.randn(n, c, generator=gen).to(device, dtype)
+    # As in the model under autocast: half activations, fp32 affine parameters, and
+    # the composite's group_norm running in fp32 (autocast's rule for it).
+    gamma, beta = (torch.randn(c, generator=gen).to(device) for _ in range(2))
+    leaves = [v.detach().requires_grad_() for v in (x, t, gamma, beta)]
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    layout = "" if memory_format == torch.contiguous_format else " channels-last"
+    for variant, make in _variants().items():
+        op = make()
 
-                    for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
-                        res = time_fn(fn, device=device, **timing)
-                        moved = _bytes_moved(n, c, h, w, dtype, name == "fwd+bwd")
-                        yield dict(op="group_norm_silu", variant=variant, shape=f"{n}x{c}x{h}x{w}/g{groups}",
-                                   dtype=str(dtype).removeprefix("torch."), **{"pass": name},
-                                   median_ms=res["median_ms"], iqr_ms=res["iqr_ms"],
-                                   gb_per_s=moved / (res["median_ms"] * 1e-3) / 1e9)
+        def forward(op=op):
+            with torch.no_grad(), torch.autocast(**autocast):
+                return op(x, gamma, beta, groups, 1e-5, t, True)
+
+        def forward_backward(op=op):
+            lx, lt, lg, lb = leaves
+            with torch.autocast(**autocast):
+                y = op(lx, lg, lb, groups, 1e-5, lt, True)
+            return torch.autograd.grad(y, leaves, dy)
+
+        for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+            if name not in passes:
+                continue
+            res = time_fn(fn, device=device, **timing)
+            moved = _bytes_moved(n, c, h, w, dtype, name == "fwd+bwd")
+            yield dict(op="group_norm_silu", variant=variant, shape=f"{n}x{c}x{h}x{w}/g{groups}{layout}",
+                       dtype=str(dtype).removeprefix("torch."), **{"pass": name},
+                       median_ms=res["median_ms"], iqr_ms=res["iqr_ms"],
+                       gb_per_s=moved / (res["median_ms"] * 1e-3) / 1e9)
 
 
 def _print_table(rows):
