@@ -1,7 +1,8 @@
 """Run by tests/test_kernels_compile_for_gpus.py, without TRITON_INTERPRET: compiles every Triton kernel
 launch of the seed UNet's training step (forward and backward, fp32 and fp16 autocast; bf16 where the
-card has it) and of its channels-last sampling step ahead of time for a T4 (sm_75) and an H100 (sm_90), with no GPU, and prints one JSON line
-per compiled kernel: its launch, shared memory, and registers and spill bytes per thread.
+card has it) and of its channels-last sampling step ahead of time for a T4 (sm_75) and an H100
+(sm_90), with no GPU, and prints one JSON line per compiled kernel: its launch, shared memory, and
+registers and spill bytes per thread.
 
 The kernels' launch sites are run for real on CPU tensors with each @triton.jit kernel replaced by a
 recorder, so the launch configs are the ones the code picks (attention's depends on the card: its SM
