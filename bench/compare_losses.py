@@ -16,7 +16,7 @@ import torch
 from bench.common import sync, synthetic_digits
 from bench.variants import EAGER
 from ddpm import cli, config, data
-from ddpm.runtime import has_bf16, resolve_compile, resolve_precision
+from ddpm.runtime import has_bf16, resolve_precision, resolve_train_compile
 from ddpm.train import Trainer
 
 
@@ -34,7 +34,7 @@ def run(cfg, device, images, steps: int, window: int) -> dict:
     seconds = time.perf_counter() - start
     curve = losses[: steps // window * window].view(-1, window).mean(1)
     return {"trainer": trainer, "curve": curve.tolist(), "final_loss": curve[-1].item(), "seconds": seconds,
-            "precision": resolve_precision(cfg.train.precision, device), "compile": resolve_compile(cfg.train.compile, device),
+            "precision": resolve_precision(cfg.train.precision, device), "compile": resolve_train_compile(cfg.train.compile, device, 1),
             "kernels": cfg.model.kernels, "attention": cfg.model.attention}
 
 

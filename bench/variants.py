@@ -13,9 +13,11 @@ TRAIN = {
     "seed-like": [*EAGER, "data.loader=dataloader"],
     "eager-fp16": [*EAGER, "train.precision=fp16"],
     "eager-bf16": [*EAGER, "train.precision=bf16"],
+    "compiled-auto+cudagraph": [*EAGER, "train.compile=reduce-overhead", "train.precision=auto"],
+    "default-no-cudagraph": ["train.compile=default"],  # what the CUDA graphs of the default buy
+    "compiled-auto": [*EAGER, "train.compile=default", "train.precision=auto"],
     "eager-sdpa-bf16": [*EAGER, "train.precision=bf16", "model.attention=sdpa"],
     "compiled-fp32": [*EAGER, "train.compile=default"],
-    "compiled-auto": [*EAGER, "train.compile=default", "train.precision=auto"],
     "compiled-auto+triton": [*EAGER, "train.compile=default", "train.precision=auto", "model.kernels=triton",
                              "model.attention=triton"],
     "compiled-auto+triton+sdpa": [*EAGER, "train.compile=default", "train.precision=auto", "model.kernels=triton",
@@ -41,13 +43,15 @@ SAMPLE = {
 # Variants that need a GPU (CUDA graphs, bf16 autocast speed is meaningless on CPU, Triton would run
 # in the interpreter) are skipped by the quick CPU run.
 GPU_ONLY = {"eager-bf16", "eager-sdpa-bf16", "compiled-auto+triton", "compiled-auto+triton+sdpa",
-            "compiled-auto+triton+cudagraph", "compiled-auto+cudagraph", "compiled-auto+cudagraph+triton"}
+            "compiled-auto+triton+cudagraph", "compiled-auto+cudagraph", "compiled-auto+cudagraph+triton",
+            "default-no-cudagraph"}
 
 # What bench/gpu_check.sh measures within its time budget, in TRAIN's and SAMPLE's order. Each compiled
 # variant costs a compile, so the eager ones (seconds; seed-like shows what the resident loader buys)
-# come first. Training: the default against torch.compile's own GroupNorm and attention
-# (compiled-auto: does the Triton op pay inside the compiled step?), then Triton attention in the step.
-# Sampling: the default against the same graph-replayed step with torch's kernels.
-GPU_CHECK_TRAIN = ["eager-fp32", "default", "seed-like", "eager-fp16", "eager-bf16", "compiled-auto",
-                   "compiled-auto+triton"]
+# come early. Training: the default (CUDA graphs, Triton ops) against the same graphed step with
+# torch.compile's own GroupNorm and attention (does the Triton op pay?), then the default without its
+# graphs and plain compile (what the graphs buy). Sampling: the default against the same
+# graph-replayed step with torch's kernels.
+GPU_CHECK_TRAIN = ["eager-fp32", "default", "seed-like", "eager-fp16", "eager-bf16", "compiled-auto+cudagraph",
+                   "default-no-cudagraph", "compiled-auto"]
 GPU_CHECK_SAMPLE = ["eager-fp32", "default", "compiled-auto+cudagraph"]

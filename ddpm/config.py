@@ -29,7 +29,7 @@ class ModelConfig:
     num_heads: int = 1
     attention_resolutions: list[int] = field(default_factory=lambda: [8])
     kernels: str = "auto"      # GroupNorm+SiLU: auto (triton on CUDA, torch elsewhere) | torch | triton
-    attention: str = "auto"    # attention core: auto | torch | sdpa | triton
+    attention: str = "auto"    # attention core: auto (triton for 16-bit on sm80+, else torch) | torch | sdpa | triton
 
 
 @dataclass
@@ -61,7 +61,8 @@ class TrainConfig:
     ema_decay: float = 0.9999
     seed: int = 0
     device: str = "auto"       # auto | cpu | cuda | cuda:N
-    # The fast path: auto = bf16 (fp16 + GradScaler on a T4) and torch.compile on CUDA; fp32 eager on CPU.
+    # The fast path: auto = bf16 (fp16 + GradScaler on a T4) and torch.compile on CUDA (with CUDA graphs,
+    # reduce-overhead, on one GPU); fp32 eager on CPU.
     precision: str = "auto"    # auto | fp32 | fp16 (autocast + GradScaler) | bf16 (autocast)
     compile: str = "auto"      # torch.compile mode of the UNet: auto | none | default | max-autotune | reduce-overhead
     log_every: int = 100

@@ -70,7 +70,10 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).view(b, 3 * c, h * w)
-        out = kernels.attention_core(qkv, self.num_heads, self.backend)
+        backend = self.backend
+        if backend == TRITON_FOR_16BIT:  # the dtype is fixed when compiled: no branch is left at run time
+            backend = "triton" if qkv.dtype in (torch.float16, torch.bfloat16) else "torch"
+        out = kernels.attention_core(qkv, self.num_heads, backend)
         return x + self.proj(out.view(b, c, h, w))
 
 
@@ -135,11 +138,22 @@ class UNet(nn.Module):
         return self.out(x)
 
 
+# model.attention=auto on compute capability 8.0+: the Triton op for fp16/bf16 inputs, where it was
+# 1.6-2.0x torch's and 2.2-5.4x SDPA's on an H200, and plain torch for fp32, where it was 0.26-0.49x
+# (tl.dot in full fp32 precision); bench/README.md has the rows.
+TRITON_FOR_16BIT = "triton-for-16bit"
+
+
 def resolve_backends(model_cfg, device) -> tuple[str, str]:
-    """auto: the fused Triton GroupNorm and torch's SDPA attention on CUDA, plain PyTorch elsewhere."""
-    on_cuda = torch.device(device).type == "cuda"
+    """auto: on CUDA the fused Triton GroupNorm, and attention as measured per device class: Triton for
+    16-bit inputs from compute capability 8.0 on, plain torch below (a T4, where tl.dot has no tensor
+    cores and SDPA lost to plain torch at these shapes even on Hopper). Plain PyTorch on a CPU."""
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
     norm = model_cfg.kernels if model_cfg.kernels != "auto" else ("triton" if on_cuda else "torch")
-    attention = model_cfg.attention if model_cfg.attention != "auto" else ("sdpa" if on_cuda else "torch")
+    attention = model_cfg.attention
+    if attention == "auto":
+        attention = TRITON_FOR_16BIT if on_cuda and torch.cuda.get_device_capability(device)[0] >= 8 else "torch"
     return norm, attention
 
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ddpm import checkpoint, config as config_lib, data, distributed, model as model_lib
 from ddpm.config import UserError
-from ddpm.runtime import compile_model, precision_dtype, resolve_device
+from ddpm.runtime import compile_model, precision_dtype, resolve_device, resolve_precision, resolve_train_compile
 from ddpm.diffusion import Diffusion
 from ddpm.sample import to_unit
 
@@ -116,7 +116,11 @@ class Trainer:
         # fp16 needs loss scaling; with the fused Adam the scaler's inf check stays on the device.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         # compile first, then DDP around it (as nanoGPT does): one graph, DDP's hooks on the same parameters
-        self.forward = compile_model(self.net, t.compile, self.device)
+        compile_mode = resolve_train_compile(t.compile, self.device, world_size)
+        self.forward = compile_model(self.net, compile_mode, self.device)
+        norm, attention = model_lib.resolve_backends(cfg.model, self.device)
+        self.runs_as = (f"{resolve_precision(t.precision, self.device)}, compile {compile_mode}, "
+                        f"GroupNorm {norm}, attention {attention}")
         if world_size > 1:
             self.forward = DistributedDataParallel(
                 self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -214,7 +218,8 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     writer = SummaryWriter(str(out / "tb")) if world.is_main else None
     if world.is_main:
         print(f"training on {world.world_size} x {device.type} with {digits.description}: {len(digits.images)} images, "
-              f"{sum(p.numel() for p in trainer.net.parameters()):,} parameters, steps {start} -> {t.steps}",
+              f"{sum(p.numel() for p in trainer.net.parameters()):,} parameters ({trainer.runs_as}), "
+              f"steps {start} -> {t.steps}",
               file=sys.stderr)
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and world.is_main), unit="step", dynamic_ncols=True)
     # loss sum, step count and stop votes of the window, reduced across ranks once per log_every

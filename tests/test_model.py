@@ -133,3 +133,15 @@ def test_flop_count_is_the_seeds():
     flops = flops_per_image(config.load("configs/mnist.yaml"))
     assert flops["forward"] / 1e9 == pytest.approx(0.892, abs=5e-4)
     assert flops["forward_backward"] / 1e9 == pytest.approx(2.68, abs=5e-3)
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float32, "torch"), (torch.float16, "triton"),
+                                             (torch.bfloat16, "triton")])
+def test_attention_auto_on_ampere_and_later_picks_by_input_dtype(monkeypatch, dtype, expected):
+    """model.attention=auto from compute capability 8.0: the Triton op for 16-bit inputs, torch for fp32."""
+    calls = []
+    monkeypatch.setattr(model.kernels, "attention_core", lambda qkv, heads, backend: (
+        calls.append((qkv.dtype, backend)), qkv[:, : qkv.shape[1] // 3])[1])
+    attn = model.SelfAttention(8, 1, "torch", model.TRITON_FOR_16BIT).to(dtype)
+    attn(torch.randn(2, 8, 4, 4, dtype=dtype))
+    assert calls == [(dtype, expected)]

@@ -53,15 +53,28 @@ def test_cpu_resolves_to_eager_fp32():
     assert not runtime.has_bf16(cpu)
     assert runtime.resolve_precision("auto", cpu) == "fp32" and runtime.precision_dtype("auto", cpu) is None
     assert runtime.resolve_compile("auto", cpu) == "none"
-    assert runtime.resolve_compile("auto", torch.device("cuda")) == "default"
+    assert runtime.resolve_train_compile("auto", cpu, 1) == runtime.resolve_train_compile("auto", cpu, 2) == "none"
 
 
-def test_auto_picks_the_fast_path_on_cuda_and_eager_on_a_cpu():
+def test_training_compiles_with_cuda_graphs_on_one_gpu_and_without_under_ddp():
+    """The measured choice (bench/README.md): the launch-bound step needs CUDA graphs on one GPU; DDP
+    keeps the default mode until graphs around its hooks are measured. The sampler captures its own."""
+    cuda = torch.device("cuda")
+    assert runtime.resolve_train_compile("auto", cuda, 1) == "reduce-overhead"
+    assert runtime.resolve_train_compile("auto", cuda, 2) == "default"
+    assert runtime.resolve_train_compile("none", cuda, 1) == "none"
+    assert runtime.resolve_train_compile("default", cuda, 1) == "default"
+    assert runtime.resolve_compile("auto", cuda) == "default"
+
+
+@pytest.mark.parametrize("major,attention", [(7, "torch"), (8, "triton-for-16bit"), (9, "triton-for-16bit")])
+def test_auto_picks_the_fast_path_on_cuda_and_eager_on_a_cpu(two_gpus, major, attention):
     from ddpm import config, model
     from ddpm.sample import step_compile_mode, uses_cuda_graph
+    two_gpus(major)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     defaults = config.load(None).model
-    assert model.resolve_backends(defaults, cuda) == ("triton", "sdpa")
+    assert model.resolve_backends(defaults, cuda) == ("triton", attention)
     assert model.resolve_backends(defaults, cpu) == ("torch", "torch")
     chosen = config.load(None, ["model.kernels=torch", "model.attention=triton"]).model
     assert model.resolve_backends(chosen, cuda) == model.resolve_backends(chosen, cpu) == ("torch", "triton")
