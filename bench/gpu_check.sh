@@ -22,6 +22,10 @@ OUT=${OUT:-bench/results/gpu-check}
 STEPS=${GPU_CHECK_STEPS:-2000}
 EVAL_SAMPLES=${GPU_CHECK_EVAL_SAMPLES:-2000}
 WINDOW=100
+TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-130}
+for limit in "$TEST_SECONDS" "${GPU_CHECK_BENCH_SECONDS:-225}"; do  # used in arithmetic below
+  [[ $limit =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: stage time limits are whole seconds (got '$limit'): set GPU_CHECK_TEST_SECONDS and GPU_CHECK_BENCH_SECONDS to numbers" >&2; exit 2; }
+done
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ddpm-inductor}
@@ -74,10 +78,10 @@ PARALLEL=()
 if $PY -c "import xdist" 2>/dev/null; then PARALLEL=(-n "${GPU_CHECK_TEST_WORKERS:-8}" --dist worksteal); fi
 # The fast-path tests first: they compile the most. xdist hands out tests in the order given, and
 # idle workers take queued tests from busy ones (worksteal).
-TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-130}
 test_started=$SECONDS
 timeout "$TEST_SECONDS" $PY -m pytest -v ${PARALLEL[@]+"${PARALLEL[@]}"} --durations=10 -p no:cacheprovider \
   tests/test_fast_path.py::test_cuda_training_steps_never_wait_for_the_gpu \
+  tests/test_fast_path.py::test_cuda_graphed_training_takes_the_eager_steps \
   tests/test_fast_path.py::test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs \
   tests/test_group_norm_silu.py tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"; echo

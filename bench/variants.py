@@ -14,7 +14,7 @@ TRAIN = {
     "eager-fp16": [*EAGER, "train.precision=fp16"],
     "eager-bf16": [*EAGER, "train.precision=bf16"],
     "compiled-auto+cudagraph": [*EAGER, "train.compile=reduce-overhead", "train.precision=auto"],
-    "default-no-cudagraph": ["train.compile=default"],  # what the CUDA graphs of the default buy
+    "default-no-cudagraph": ["train.compile=default"],  # what DDP runs; against default: what graphs buy
     "compiled-auto": [*EAGER, "train.compile=default", "train.precision=auto"],
     "eager-sdpa-bf16": [*EAGER, "train.precision=bf16", "model.attention=sdpa"],
     "compiled-fp32": [*EAGER, "train.compile=default"],

@@ -139,28 +139,36 @@ class UNet(nn.Module):
 
 
 # model.attention=auto on compute capability 8.0+: the Triton op for fp16/bf16 inputs, where it was
-# 1.6-2.0x torch's and 2.2-5.4x SDPA's on an H200, and plain torch for fp32, where it was 0.26-0.49x
+# 1.6-2.0x torch's and 2.2-5.5x SDPA's on an H200, and plain torch for fp32, where it was 0.26-0.48x
 # (tl.dot in full fp32 precision); bench/README.md has the rows.
 TRITON_FOR_16BIT = "triton-for-16bit"
 
 
-def resolve_backends(model_cfg, device) -> tuple[str, str]:
-    """auto: on CUDA the fused Triton GroupNorm, and attention as measured per device class: Triton for
-    16-bit inputs from compute capability 8.0 on, plain torch below (a T4, where tl.dot has no tensor
-    cores and SDPA lost to plain torch at these shapes even on Hopper). Plain PyTorch on a CPU."""
+def resolve_backends(model_cfg, device, graphed: bool = True) -> tuple[str, str]:
+    """auto, as measured per device class (bench/README.md); plain PyTorch on a CPU.
+    - GroupNorm: the fused Triton op on CUDA, except on compute capability 8.0+ when the step is not
+      captured in a CUDA graph (`graphed`): a card that fast waits on kernel launches at the seed's
+      batch, and there each custom op's launch cost more than its kernel saved (H200).
+    - Attention: from 8.0 on, Triton for 16-bit inputs when graphed, else torch; below 8.0 (a T4,
+      where tl.dot has no tensor cores, and SDPA lost to plain torch at these shapes even on Hopper)
+      plain torch."""
     device = torch.device(device)
     on_cuda = device.type == "cuda"
-    norm = model_cfg.kernels if model_cfg.kernels != "auto" else ("triton" if on_cuda else "torch")
+    fast_gpu = on_cuda and torch.cuda.get_device_capability(device)[0] >= 8
+    norm = model_cfg.kernels
+    if norm == "auto":
+        norm = "triton" if on_cuda and (graphed or not fast_gpu) else "torch"
     attention = model_cfg.attention
     if attention == "auto":
-        attention = TRITON_FOR_16BIT if on_cuda and torch.cuda.get_device_capability(device)[0] >= 8 else "torch"
+        attention = TRITON_FOR_16BIT if fast_gpu and graphed else "torch"
     return norm, attention
 
 
-def build(cfg, device="cpu") -> UNet:
-    """The UNet that a Config describes, on `device`."""
+def build(cfg, device="cpu", graphed: bool = True) -> UNet:
+    """The UNet that a Config describes, on `device`; `graphed`: whether its calls will be replayed
+    from CUDA graphs (the sampler's are by default), which the `auto` backends depend on."""
     m = cfg.model
-    norm, attention = resolve_backends(m, device)
+    norm, attention = resolve_backends(m, device, graphed)
     return UNet(in_channels=1, image_size=cfg.data.image_size, base_channels=m.base_channels,
                 channel_mults=tuple(m.channel_mults), time_embed_dim=m.time_embed_dim,
                 time_hidden_mult=m.time_hidden_mult, num_heads=m.num_heads,

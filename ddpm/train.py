@@ -104,7 +104,9 @@ class Trainer:
         self.loader = data.make_loader(cfg.data.loader, images, t.batch_size, t.seed, self.device,
                                        cfg.data.image_size, cfg.data.resize, rank, world_size)
         torch.manual_seed(t.seed)
-        self.net = model_lib.build(cfg, self.device)
+        compile_mode = resolve_train_compile(t.compile, self.device, world_size)
+        graphed = compile_mode == "reduce-overhead"
+        self.net = model_lib.build(cfg, self.device, graphed)
         self.ema = EMA(self.net, t.ema_decay)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                     weight_decay=t.weight_decay, fused=self.device.type == "cuda")
@@ -116,9 +118,8 @@ class Trainer:
         # fp16 needs loss scaling; with the fused Adam the scaler's inf check stays on the device.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         # compile first, then DDP around it (as nanoGPT does): one graph, DDP's hooks on the same parameters
-        compile_mode = resolve_train_compile(t.compile, self.device, world_size)
         self.forward = compile_model(self.net, compile_mode, self.device)
-        norm, attention = model_lib.resolve_backends(cfg.model, self.device)
+        norm, attention = model_lib.resolve_backends(cfg.model, self.device, graphed)
         self.runs_as = (f"{resolve_precision(t.precision, self.device)}, compile {compile_mode}, "
                         f"GroupNorm {norm}, attention {attention}")
         if world_size > 1:

@@ -249,6 +249,25 @@ def test_cuda_training_steps_never_wait_for_the_gpu(overrides):
 
 
 @on_cuda
+def test_cuda_graphed_training_takes_the_eager_steps():
+    """reduce-overhead replays forward and backward from CUDA graphs, whose outputs the next replay
+    overwrites: 8 graphed fp32 steps with the Triton ops follow the eager fp32 steps' losses (stale or
+    overwritten buffers would not). The first step has the same weights and batch: only summation
+    order differs."""
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def losses(overrides):
+        cfg = config.load("configs/ci.yaml", ["train.device=cuda", "train.precision=fp32", *overrides])
+        trainer = Trainer(cfg, torch.device("cuda"), images)
+        return torch.stack([trainer.step(step) for step in range(8)])
+
+    eager = losses(["train.compile=none", "model.kernels=torch", "model.attention=torch"])
+    graphed = losses(["train.compile=reduce-overhead", *FUSED])
+    torch.testing.assert_close(graphed[0], eager[0], rtol=1e-3, atol=0)
+    torch.testing.assert_close(graphed, eager, rtol=1e-2, atol=0)
+
+
+@on_cuda
 @pytest.mark.parametrize("sampler,compile", [("ddpm", "none"), ("ddim", "default")])
 def test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs(sampler, compile):
     device = torch.device("cuda")
