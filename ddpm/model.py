@@ -90,6 +90,7 @@ class UNet(nn.Module):
                  time_embed_dim=256, time_hidden_mult=4, num_heads=1, attention_resolutions=(8,),
                  norm_backend="torch", attention_backend="torch"):
         super().__init__()
+        self.backends = norm_backend, attention_backend
         widths = [base_channels * m for m in channel_mults]
         levels = len(widths) - 1
         self.time_embed = nn.Sequential(

@@ -119,7 +119,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         # compile first, then DDP around it (as nanoGPT does): one graph, DDP's hooks on the same parameters
         self.forward = compile_model(self.net, compile_mode, self.device)
-        norm, attention = model_lib.resolve_backends(cfg.model, self.device, graphed)
+        norm, attention = self.net.backends
         self.runs_as = (f"{resolve_precision(t.precision, self.device)}, compile {compile_mode}, "
                         f"GroupNorm {norm}, attention {attention}")
         if world_size > 1:

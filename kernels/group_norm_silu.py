@@ -214,6 +214,7 @@ def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(x, weight, bias, time_bias, num_groups)
     layout = _memory_format(x)
+    channels_last = layout == torch.channels_last
     x = x.contiguous(memory_format=layout)
     n, c, h, w = x.shape
     y = torch.empty_like(x, memory_format=layout)
@@ -224,8 +225,8 @@ def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     _fwd_kernel[(n * num_groups,)](
         x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(),
         y, mean, rstd, num_groups, c // num_groups, h * w, eps,
-        HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=layout == torch.channels_last,
-        **_launch_config(c // num_groups, h * w, layout == torch.channels_last))
+        HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=channels_last,
+        **_launch_config(c // num_groups, h * w, channels_last))
     return y, mean, rstd
 
 
@@ -242,6 +243,7 @@ def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                          activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dx, dt ([N, C], or empty when there is no time bias), dweight, dbias."""
     layout = _memory_format(x)
+    channels_last = layout == torch.channels_last
     x, dy = x.contiguous(memory_format=layout), dy.contiguous(memory_format=layout)
     n, c, h, w = x.shape
     num_groups = mean.shape[1]
@@ -253,8 +255,8 @@ def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     _bwd_kernel[(n * num_groups,)](
         x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(), dy,
         mean, rstd, dx, dt, dw_partial, db_partial, num_groups, c // num_groups, h * w,
-        HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=layout == torch.channels_last,
-        **_launch_config(c // num_groups, h * w, layout == torch.channels_last))
+        HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=channels_last,
+        **_launch_config(c // num_groups, h * w, channels_last))
     return (dx, dt.to(time_bias.dtype) if has_t else dt,
             dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype))
 

@@ -215,6 +215,11 @@ def test_sampling_step_never_reads_the_device_from_the_host(dispatched_ops):
     assert "aten._local_scalar_dense.default" not in ops
 
 
+def sixty_four_digits():
+    """Random uint8 28x28 images: 4 steps an epoch at the CI config's batch of 16."""
+    return torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
 on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and host syncs are CUDA matters")
 
 
@@ -238,7 +243,7 @@ def test_cuda_training_steps_never_wait_for_the_gpu(overrides):
     """The whole step (resident batch, noise, Triton ops, autocast, loss scaling, fused Adam, EMA)
     queues work and returns: the loop reads the device once per log_every. 64 images: 4 steps an
     epoch, so step 4 draws a new epoch's permutation inside the check."""
-    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = sixty_four_digits()
     cfg = config.load("configs/ci.yaml", ["train.device=cuda", "train.compile=none", *FUSED, *overrides])
     trainer = Trainer(cfg, torch.device("cuda"), images)
     # Triton and inductor compile, CUDA graphs warm up and record, the allocator warms up
@@ -254,7 +259,7 @@ def test_cuda_graphed_training_takes_the_eager_steps():
     overwrites: 8 graphed fp32 steps with the Triton ops follow the eager fp32 steps' losses (stale or
     overwritten buffers would not). The first step has the same weights and batch: only summation
     order differs."""
-    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = sixty_four_digits()
 
     def losses(overrides):
         cfg = config.load("configs/ci.yaml", ["train.device=cuda", "train.precision=fp32", *overrides])
