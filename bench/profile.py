@@ -1,12 +1,13 @@
 """Profile training steps and sampling steps with torch.profiler.
 
     python -m bench.profile [--config configs/mnist.yaml] [--train-steps 10] [--sample-steps 20]
-                            [--out runs/profile] [key=value ...]
+                            [--rows 15] [--out runs/profile] [key=value ...]
 
 Traces go to OUT/tb (tensorboard_trace_handler), where `make tensorboard` shows them in the
 PyTorch Profiler tab (torch-tb-profiler, in the dev extra; deprecated upstream). The same
 *.pt.trace.json files open in Perfetto (ui.perfetto.dev) or chrome://tracing. The top operators
-of each phase are printed as a table.
+of each phase are printed as a table. --train-steps 0 profiles sampling alone; with
+sample.cuda_graph=disabled the compiled step's kernels show one by one.
 """
 import argparse
 from pathlib import Path
@@ -19,7 +20,7 @@ from ddpm.sample import FastStep
 from ddpm.train import Trainer
 
 
-def trace(name: str, out: Path, steps: int, fn, device, sort_by: str) -> None:
+def trace(name: str, out: Path, steps: int, fn, device, sort_by: str, rows: int) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     warmup = 2
     write_trace = tensorboard_trace_handler(str(out / "tb"), worker_name=name)
@@ -27,7 +28,7 @@ def trace(name: str, out: Path, steps: int, fn, device, sort_by: str) -> None:
     def on_trace_ready(prof):
         write_trace(prof)
         print(f"\n== {name}: top operators over {steps} steps")
-        print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
 
     with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps),
                  on_trace_ready=on_trace_ready, record_shapes=True) as prof:
@@ -41,6 +42,7 @@ def main():
     parser.add_argument("--config", default="configs/mnist.yaml")
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=15, help="operators in each printed table")
     parser.add_argument("--out", default="runs/profile")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -50,7 +52,8 @@ def main():
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
 
     trainer = Trainer(cfg, device, data.load_digits(cfg.data).images)
-    trace("train", out, args.train_steps, trainer.step, device, sort_by)
+    if args.train_steps > 0:
+        trace("train", out, args.train_steps, trainer.step, device, sort_by, args.rows)
 
     net = trainer.ema.module.eval()
     plan = trainer.diffusion.plan(cfg.sample)
@@ -62,7 +65,7 @@ def main():
     def sample_step(i):
         step(i % len(plan.timesteps), x, torch.randn_like(x))
 
-    trace("sample", out, args.sample_steps, sample_step, device, sort_by)
+    trace("sample", out, args.sample_steps, sample_step, device, sort_by, args.rows)
     print(f"\ntraces: {out / 'tb'} (make tensorboard -> PyTorch Profiler tab; or open the .pt.trace.json in Perfetto)")
 
 

@@ -1,9 +1,12 @@
 """Fused y = SiLU(GroupNorm(x + t[:, :, None, None])) in Triton, registered as a torch custom op.
 
-One program per (sample, group), walking the group's C/G channels x H*W positions as
-[BLOCK_C, BLOCK_HW] tiles, so per-channel sums (dgamma, dbeta, dt) are row sums of a tile.
-Statistics are fp32 whatever the input dtype. The backward writes per-(sample, channel) partial
-sums that torch reduces over the batch: deterministic, no atomics.
+One program per (sample, group). The group is a [C/G channels, H*W positions] block, so
+per-channel sums (dgamma, dbeta, dt) are row sums. A group of up to _MAX_ONE_TILE elements (all but
+one of the seed UNet's GroupNorms) is loaded once as one tile and held in registers, so each kernel
+reads its inputs once: the least traffic there is. Larger groups are walked as [BLOCK_C, BLOCK_HW]
+tiles, twice (statistics, then output). Statistics are fp32 whatever the input dtype. The backward
+writes per-(sample, channel) partial sums that torch reduces over the batch: deterministic, no
+atomics.
 
 Both memory formats run as they are: NCHW (a group is one contiguous run) and channels-last
 (inductor's layout for convolutions in inference graphs; a group is C/G contiguous channels at
@@ -18,15 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per tile: at 8 warps that is 8 fp32 values per thread for each live tile, which keeps
-# the backward (x, dy, xhat, two accumulators) well inside a T4's register file.
+# Elements per tile when a group is walked in tiles: at 8 warps that is 8 fp32 values per thread
+# for each live tile, which keeps the backward (x, dy, xhat, two accumulators) well inside a T4's
+# register file.
 _MAX_TILE = 2048
+# Largest group held whole in registers, and the elements each thread holds of it. The backward
+# keeps ~8 registers per element (x, dy, xhat, g, offsets), so 16 per thread is ~120 registers:
+# no spills on a T4 or an H100 up to 16 warps (tests/test_kernels_compile_for_gpus.py). 16384
+# would need 32 warps, whose 64-register cap spilled ~1.5 KB per thread.
+_MAX_ONE_TILE = 8192
+_ONE_TILE_PER_THREAD = 16
 
 
 @triton.jit
 def _group_layout(n, c_first, C, HW, CHANNELS_LAST: tl.constexpr):
     """Offset of the group's first element, and the steps to the next channel and the next position.
-    x, y, dy and dx share one layout."""
+    x, y, dy and dx share one layout; offsets inside a group fit in int32."""
     base = n.to(tl.int64) * C * HW
     if CHANNELS_LAST:
         return base + c_first, 1, C
@@ -34,11 +44,12 @@ def _group_layout(n, c_first, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
+def _load_tile(x_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
                HAS_T: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """x_ptr points at the group's first element."""
     hws = hw0 + tl.arange(0, BLOCK_HW)
     mask = c_mask[:, None] & (hws < HW)[None, :]
-    offs = base + cs[:, None] * stride_c + hws[None, :] * stride_hw
+    offs = cs[:, None] * stride_c + hws[None, :] * stride_hw
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_T:
         v += t_row[:, None]  # masked lanes now hold t, not 0: reductions must re-mask
@@ -46,70 +57,113 @@ def _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
 
 
 @triton.jit
+def _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T: tl.constexpr):
+    """This sample's time bias (0 without one: compiled code cannot return None), gamma and beta for
+    channels cs of the group, in fp32."""
+    t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else 0.0
+    w = tl.load(w_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
+    return t_row, w, b
+
+
+@triton.jit
+def _normalize_store(y_ptr, v, offs, mask, w, b, mean, rstd, ACTIVATION: tl.constexpr):
+    scale = w * rstd
+    y = v * scale[:, None] + (b - mean * scale)[:, None]
+    if ACTIVATION:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                 G, CPG, HW, eps,
                 HAS_T: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                ONE_TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
     n = pid // G
     c_first = (pid % G) * CPG
     base, stride_c, stride_hw = _group_layout(n, c_first, G * CPG, HW, CHANNELS_LAST)
+    x_ptr += base
+    y_ptr += base
+    nc_row = n * G * CPG + c_first  # offset of this group's first channel in [N, C] buffers
     group_size = CPG * HW
 
-    # Mean and M2 exact (two-pass, in registers) per tile, merged across tiles with Chan's
-    # formula: one read of x and no sum-of-squares cancellation when |mean| >> std.
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for c0 in range(0, CPG, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
+    if ONE_TILE:  # the whole group in registers: one read of x, an exact two-pass variance
+        cs = tl.arange(0, BLOCK_C)
         c_mask = cs < CPG
-        t_row = tl.load(t_ptr + n * G * CPG + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) \
-            if HAS_T else None
-        for hw0 in range(0, HW, BLOCK_HW):
-            v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
-                                       HAS_T, BLOCK_HW)
-            tile_count = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(HW - hw0, BLOCK_HW)).to(tl.float32)
-            tile_mean = tl.sum(tl.where(mask, v, 0.0)) / tile_count
-            d = tl.where(mask, v - tile_mean, 0.0)
-            tile_m2 = tl.sum(d * d)
-            new_count = count + tile_count
-            delta = tile_mean - mean
-            mean += delta * (tile_count / new_count)
-            m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-            count = new_count
-    rstd = 1.0 / tl.sqrt(m2 / group_size + eps)
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, rstd)
-
-    for c0 in range(0, CPG, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        c_mask = cs < CPG
-        t_row = tl.load(t_ptr + n * G * CPG + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) \
-            if HAS_T else None
-        scale = tl.load(w_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) * rstd
-        shift = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32) - mean * scale
-        for hw0 in range(0, HW, BLOCK_HW):
-            v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
-                                       HAS_T, BLOCK_HW)
-            y = v * scale[:, None] + shift[:, None]
-            if ACTIVATION:
-                y = y * tl.sigmoid(y)
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+        v, offs, mask = _load_tile(x_ptr, t_row, cs, c_mask, 0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
+        mean = tl.sum(tl.where(mask, v, 0.0)) / group_size
+        d = tl.where(mask, v - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d) / group_size + eps)
+        tl.store(mean_ptr + pid, mean)
+        tl.store(rstd_ptr + pid, rstd)
+        _normalize_store(y_ptr, v, offs, mask, w, b, mean, rstd, ACTIVATION)
+    else:
+        # Mean and M2 exact (two-pass, in registers) per tile, merged across tiles with Chan's
+        # formula: no sum-of-squares cancellation when |mean| >> std. A second walk writes y.
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for c0 in range(0, CPG, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            c_mask = cs < CPG
+            t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else None
+            for hw0 in range(0, HW, BLOCK_HW):
+                v, offs, mask = _load_tile(x_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
+                tile_count = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(HW - hw0, BLOCK_HW)).to(tl.float32)
+                tile_mean = tl.sum(tl.where(mask, v, 0.0)) / tile_count
+                d = tl.where(mask, v - tile_mean, 0.0)
+                tile_m2 = tl.sum(d * d)
+                new_count = count + tile_count
+                delta = tile_mean - mean
+                mean += delta * (tile_count / new_count)
+                m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
+                count = new_count
+        rstd = 1.0 / tl.sqrt(m2 / group_size + eps)
+        tl.store(mean_ptr + pid, mean)
+        tl.store(rstd_ptr + pid, rstd)
+        for c0 in range(0, CPG, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            c_mask = cs < CPG
+            t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+            for hw0 in range(0, HW, BLOCK_HW):
+                v, offs, mask = _load_tile(x_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
+                _normalize_store(y_ptr, v, offs, mask, w, b, mean, rstd, ACTIVATION)
 
 
 @triton.jit
-def _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, mean, rstd, w, b,
+def _bwd_tile(x_ptr, dy_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, mean, rstd, w, b,
               HAS_T: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """xhat and dL/d(pre-activation) of one tile; both are 0-safe where masked (dy loads as 0)."""
-    v, offs, mask = _load_tile(x_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
+    """xhat and g = dL/d(pre-activation) of one tile; g is 0 where masked (dy loads as 0)."""
+    v, offs, mask = _load_tile(x_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
     xhat = (v - mean) * rstd
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if ACTIVATION:
         pre = xhat * w[:, None] + b[:, None]
         s = tl.sigmoid(pre)
-        dy = dy * s * (1.0 + pre * (1.0 - s))
-    return xhat, dy, offs, mask
+        g = g * s * (1.0 + pre * (1.0 - s))
+    return xhat, g, offs, mask
+
+
+@triton.jit
+def _store_channel_sums(dw_partial_ptr, db_partial_ptr, nc_row, cs, c_mask, g, gx, w):
+    """dbeta and dgamma partials of these channels for this sample; returns their parts of the
+    group's sums sum(g*gamma*xhat) and sum(g*gamma) that dx needs."""
+    db_c = tl.sum(g, axis=1)
+    dw_c = tl.sum(gx, axis=1)
+    tl.store(db_partial_ptr + nc_row + cs, db_c, mask=c_mask)
+    tl.store(dw_partial_ptr + nc_row + cs, dw_c, mask=c_mask)
+    return tl.sum(dw_c * w), tl.sum(db_c * w)
+
+
+@triton.jit
+def _dx_store(dx_ptr, xhat, g, offs, mask, w, rstd, c1, c2):
+    """dx = rstd * (g*gamma - xhat*c1 - c2); returns dx with masked lanes 0 (for dt's sums)."""
+    dx = rstd * (g * w[:, None] - xhat * c1 - c2)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    return tl.where(mask, dx, 0.0)
 
 
 @triton.jit
@@ -117,72 +171,79 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
                 dx_ptr, dt_ptr, dw_partial_ptr, db_partial_ptr,
                 G, CPG, HW,
                 HAS_T: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                ONE_TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
     n = pid // G
     c_first = (pid % G) * CPG
     base, stride_c, stride_hw = _group_layout(n, c_first, G * CPG, HW, CHANNELS_LAST)
+    x_ptr += base
+    dy_ptr += base
+    dx_ptr += base
     group_size = CPG * HW
     mean = tl.load(mean_ptr + pid)
     rstd = tl.load(rstd_ptr + pid)
-    nc_row = n * G * CPG + c_first  # offset of this group's first channel in [N, C] buffers
+    nc_row = n * G * CPG + c_first
 
-    # Pass 1: per-channel sums of g = dL/dpre and g*xhat (dbeta, dgamma partials for this
-    # sample) and the group's reductions sum(g*gamma*xhat), sum(g*gamma) that dx needs.
-    c1 = 0.0
-    c2 = 0.0
-    for c0 in range(0, CPG, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
+    if ONE_TILE:  # x and dy read once, xhat and g kept in registers for dx
+        cs = tl.arange(0, BLOCK_C)
         c_mask = cs < CPG
-        t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else None
-        w = tl.load(w_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
-        acc_g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
-        acc_gx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
-        for hw0 in range(0, HW, BLOCK_HW):
-            xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
-                                            mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
-            acc_g += g
-            acc_gx += g * xhat
-        db_c = tl.sum(acc_g, axis=1)
-        dw_c = tl.sum(acc_gx, axis=1)
-        tl.store(db_partial_ptr + nc_row + cs, db_c, mask=c_mask)
-        tl.store(dw_partial_ptr + nc_row + cs, dw_c, mask=c_mask)
-        c1 += tl.sum(dw_c * w)
-        c2 += tl.sum(db_c * w)
-    c1 = c1 / group_size
-    c2 = c2 / group_size
-
-    # Pass 2: dx = rstd * (g*gamma - xhat*c1 - c2); dt[n, c] is dx summed over the channel's H*W.
-    for c0 in range(0, CPG, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        c_mask = cs < CPG
-        t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else None
-        w = tl.load(w_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
-        acc_dx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
-        for hw0 in range(0, HW, BLOCK_HW):
-            xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, base, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
-                                            mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
-            dx = rstd * (g * w[:, None] - xhat * c1 - c2)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+        xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, t_row, cs, c_mask, 0, HW, stride_c, stride_hw,
+                                        mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
+        c1, c2 = _store_channel_sums(dw_partial_ptr, db_partial_ptr, nc_row, cs, c_mask, g, g * xhat, w)
+        dx = _dx_store(dx_ptr, xhat, g, offs, mask, w, rstd, c1 / group_size, c2 / group_size)
+        if HAS_T:  # dt[n, c]: dx summed over the channel's H*W
+            tl.store(dt_ptr + nc_row + cs, tl.sum(dx, axis=1), mask=c_mask)
+    else:
+        # Pass 1: per-channel sums of g and g*xhat, and the group's sums for dx.
+        c1 = 0.0
+        c2 = 0.0
+        for c0 in range(0, CPG, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            c_mask = cs < CPG
+            t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+            acc_g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+            acc_gx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+            for hw0 in range(0, HW, BLOCK_HW):
+                xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
+                                                mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
+                acc_g += g
+                acc_gx += g * xhat
+            part1, part2 = _store_channel_sums(dw_partial_ptr, db_partial_ptr, nc_row, cs, c_mask, acc_g, acc_gx, w)
+            c1 += part1
+            c2 += part2
+        c1 = c1 / group_size
+        c2 = c2 / group_size
+        # Pass 2: dx, and dt summed over the tiles.
+        for c0 in range(0, CPG, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            c_mask = cs < CPG
+            t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+            acc_dx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+            for hw0 in range(0, HW, BLOCK_HW):
+                xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
+                                                mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
+                acc_dx += _dx_store(dx_ptr, xhat, g, offs, mask, w, rstd, c1, c2)
             if HAS_T:
-                acc_dx += tl.where(mask, dx, 0.0)
-        if HAS_T:
-            tl.store(dt_ptr + nc_row + cs, tl.sum(acc_dx, axis=1), mask=c_mask)
+                tl.store(dt_ptr + nc_row + cs, tl.sum(acc_dx, axis=1), mask=c_mask)
 
 
 def _launch_config(channels_per_group: int, hw: int, channels_last: bool):
-    """Tiles as long as possible along the contiguous axis: H*W in NCHW, the group's channels in
-    channels-last (where each position holds only C/G of them)."""
+    """The whole group as one tile when it fits (_MAX_ONE_TILE); otherwise tiles as long as possible
+    along the contiguous axis: H*W in NCHW, the group's channels in channels-last (where each
+    position holds only C/G of them)."""
+    c_pow2, hw_pow2 = triton.next_power_of_2(channels_per_group), triton.next_power_of_2(hw)
+    if c_pow2 * hw_pow2 <= _MAX_ONE_TILE:
+        num_warps = max(4, c_pow2 * hw_pow2 // (32 * _ONE_TILE_PER_THREAD))
+        return dict(ONE_TILE=True, BLOCK_C=c_pow2, BLOCK_HW=hw_pow2, num_warps=num_warps)
     if channels_last:
-        block_c = min(triton.next_power_of_2(channels_per_group), _MAX_TILE)
-        block_hw = min(triton.next_power_of_2(hw), _MAX_TILE // block_c)
+        block_c = min(c_pow2, _MAX_TILE)
+        block_hw = min(hw_pow2, _MAX_TILE // block_c)
     else:
-        block_hw = min(triton.next_power_of_2(hw), _MAX_TILE)
-        block_c = min(triton.next_power_of_2(channels_per_group), _MAX_TILE // block_hw)
+        block_hw = min(hw_pow2, _MAX_TILE)
+        block_c = min(c_pow2, _MAX_TILE // block_hw)
     num_warps = max(1, min(8, block_c * block_hw // 256))
-    return dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
+    return dict(ONE_TILE=False, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

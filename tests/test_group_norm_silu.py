@@ -4,16 +4,18 @@ import torch
 
 from ddpm.runtime import has_bf16
 from kernels import reference
-from kernels.group_norm_silu import group_norm_silu
+from kernels.group_norm_silu import _launch_config, group_norm_silu
 
 # Largest error allowed, relative to the largest reference magnitude of the same tensor: the
 # inputs are rounded to the dtype first and the reference sees those same values, so what is
 # left is the fp32 arithmetic plus one rounding of each output to its dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-# (shape, groups, with time bias, with SiLU): H*W of 1, 49, 64, 1024 and one over the 2048-element
-# tile (several H*W tiles per channel); 3 channels per group (not a power of two); 8 channels
-# per group at H*W 1024 (several channel tiles per group).
+# (shape, groups, with time bias, with SiLU). Groups held whole in registers (up to
+# _MAX_ONE_TILE elements, padded to powers of two): H*W of 1, 49, 64 and 1024; 3 channels per group
+# (not a power of two); 8 channels per group at H*W 1024 (the largest such group, 16 warps). Groups
+# walked in tiles: 4 x 2304 positions (several H*W tiles per channel, the last one partial), and
+# 24 channels per group at 30x30 (several channel tiles, positions masked in each).
 SHAPES = [
     ((2, 24, 7, 7), 8, True, True),
     ((2, 32, 1, 1), 8, True, True),
@@ -21,6 +23,7 @@ SHAPES = [
     ((2, 1, 32, 32), 1, True, True),
     ((1, 4, 48, 48), 1, True, False),
     ((1, 16, 32, 32), 2, False, True),
+    ((2, 48, 30, 30), 2, True, True),
 ]
 
 
@@ -122,10 +125,18 @@ def test_low_precision_activations_fp32_params(dtype, device):
     _check((2, 16, 8, 8), 8, True, True, device, dtype, param_dtype=torch.float32)
 
 
-def test_large_mean_is_stable(device):
+@pytest.mark.parametrize("shape,groups", [((2, 16, 32, 32), 2), ((1, 32, 32, 32), 1)], ids=["one tile", "tiles"])
+def test_large_mean_is_stable(shape, groups, device):
     """Mean 1000x the spread. fp32 holds x + t near 1000 only to ~6e-5, hence 1e-3; a one-pass
     sum/sum-of-squares variance (1e6 + 1 - 1e6 in fp32) would be off by several percent."""
-    _check((2, 16, 32, 32), 2, True, True, device, torch.float32, offset=1000.0, tol=1e-3)
+    _check(shape, groups, True, True, device, torch.float32, offset=1000.0, tol=1e-3)
+
+
+def test_shapes_take_both_paths():
+    """SHAPES holds groups of both kinds: whole in registers, and walked in tiles."""
+    one_tile = [_launch_config(shape[1] // groups, shape[2] * shape[3], False)["ONE_TILE"]
+                for shape, groups, *_ in SHAPES]
+    assert one_tile == [True, True, True, True, False, True, False]
 
 
 def test_backward_is_deterministic(device):
