@@ -52,8 +52,8 @@ def _variants():
         torch._dynamo.reset()
         return torch.compile(_composite)
 
-    def walking_tiles():  # the kernels' path for groups over _MAX_ONE_TILE, forced: two reads of x
-        return patch.object(group_norm_silu_kernels, "_MAX_ONE_TILE", 0)
+    def walking_tiles():  # the kernels' path for larger groups, forced: two reads of the inputs
+        return patch.multiple(group_norm_silu_kernels, _MAX_ONE_TILE_FWD=0, _MAX_ONE_TILE_BWD=0)
 
     return {"triton": (lambda: triton_group_norm_silu, nullcontext),
             "triton-tiled": (lambda: triton_group_norm_silu, walking_tiles),
@@ -92,7 +92,7 @@ def _measure(device, n, c, h, w, groups, dtype, memory_format, timing, passes=("
     leaves = [v.detach().requires_grad_() for v in (x, t, gamma, beta)]
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     layout = "" if memory_format == torch.contiguous_format else " channels-last"
-    one_tile = group_norm_silu_kernels._launch_config(c // groups, h * w, False)["ONE_TILE"]
+    one_tile = group_norm_silu_kernels._launch_config(c // groups, h * w, False, backward=False)["ONE_TILE"]
     for variant, (make, context) in _variants().items():
         if variant == "triton-tiled" and not one_tile:
             continue  # "triton" walks tiles here already

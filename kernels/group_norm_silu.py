@@ -1,9 +1,9 @@
 """Fused y = SiLU(GroupNorm(x + t[:, :, None, None])) in Triton, registered as a torch custom op.
 
 One program per (sample, group). The group is a [C/G channels, H*W positions] block, so
-per-channel sums (dgamma, dbeta, dt) are row sums. A group of up to _MAX_ONE_TILE elements (all but
-one of the seed UNet's GroupNorms) is loaded once as one tile and held in registers, so each kernel
-reads its inputs once: the least traffic there is. Larger groups are walked as [BLOCK_C, BLOCK_HW]
+per-channel sums (dgamma, dbeta, dt) are row sums. A group small enough (8192 elements forward,
+4096 backward: most of the seed UNet's GroupNorms) is loaded once as one tile and held in
+registers, so the kernel reads its inputs once. Larger groups are walked as [BLOCK_C, BLOCK_HW]
 tiles, twice (statistics, then output). Statistics are fp32 whatever the input dtype. The backward
 writes per-(sample, channel) partial sums that torch reduces over the batch: deterministic, no
 atomics.
@@ -25,11 +25,13 @@ import triton.language as tl
 # for each live tile, which keeps the backward (x, dy, xhat, two accumulators) well inside a T4's
 # register file.
 _MAX_TILE = 2048
-# Largest group held whole in registers, and the elements each thread holds of it. The backward
-# keeps ~8 registers per element (x, dy, xhat, g, offsets), so 16 per thread is ~120 registers:
-# no spills on a T4 or an H100 up to 16 warps (tests/test_kernels_compile_for_gpus.py). 16384
-# would need 32 warps, whose 64-register cap spilled ~1.5 KB per thread.
-_MAX_ONE_TILE = 8192
+# Largest group held whole in registers, forward and backward, at 16 elements per thread. The
+# forward needs ~5 registers per element: 8192 at 16 warps, ~80 registers. The backward needs ~9
+# (x, dy, xhat, g, offsets): at 16 warps, whose cap is 128, 8192 spilled 40-120 bytes per thread
+# with triton 3.2 and 3.6 (none with 3.8), so it stops at 4096, 8 warps, ~150 of 255. ptxas's
+# counts: tests/test_kernels_compile_for_gpus.py.
+_MAX_ONE_TILE_FWD = 8192
+_MAX_ONE_TILE_BWD = 4096
 _ONE_TILE_PER_THREAD = 16
 
 
@@ -228,12 +230,12 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
                 tl.store(dt_ptr + nc_row + cs, tl.sum(acc_dx, axis=1), mask=c_mask)
 
 
-def _launch_config(channels_per_group: int, hw: int, channels_last: bool):
-    """The whole group as one tile when it fits (_MAX_ONE_TILE); otherwise tiles as long as possible
-    along the contiguous axis: H*W in NCHW, the group's channels in channels-last (where each
-    position holds only C/G of them)."""
+def _launch_config(channels_per_group: int, hw: int, channels_last: bool, backward: bool):
+    """The whole group as one tile when it fits (_MAX_ONE_TILE_FWD/BWD); otherwise tiles as long as
+    possible along the contiguous axis: H*W in NCHW, the group's channels in channels-last (where
+    each position holds only C/G of them)."""
     c_pow2, hw_pow2 = triton.next_power_of_2(channels_per_group), triton.next_power_of_2(hw)
-    if c_pow2 * hw_pow2 <= _MAX_ONE_TILE:
+    if c_pow2 * hw_pow2 <= (_MAX_ONE_TILE_BWD if backward else _MAX_ONE_TILE_FWD):
         num_warps = max(4, c_pow2 * hw_pow2 // (32 * _ONE_TILE_PER_THREAD))
         return dict(ONE_TILE=True, BLOCK_C=c_pow2, BLOCK_HW=hw_pow2, num_warps=num_warps)
     if channels_last:
@@ -287,7 +289,7 @@ def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(),
         y, mean, rstd, num_groups, c // num_groups, h * w, eps,
         HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=channels_last,
-        **_launch_config(c // num_groups, h * w, channels_last))
+        **_launch_config(c // num_groups, h * w, channels_last, backward=False))
     return y, mean, rstd
 
 
@@ -317,7 +319,7 @@ def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
         x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(), dy,
         mean, rstd, dx, dt, dw_partial, db_partial, num_groups, c // num_groups, h * w,
         HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=channels_last,
-        **_launch_config(c // num_groups, h * w, channels_last))
+        **_launch_config(c // num_groups, h * w, channels_last, backward=True))
     return (dx, dt.to(time_bias.dtype) if has_t else dt,
             dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype))
 

@@ -11,11 +11,12 @@ from kernels.group_norm_silu import _launch_config, group_norm_silu
 # left is the fp32 arithmetic plus one rounding of each output to its dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-# (shape, groups, with time bias, with SiLU). Groups held whole in registers (up to
-# _MAX_ONE_TILE elements, padded to powers of two): H*W of 1, 49, 64 and 1024; 3 channels per group
-# (not a power of two); 8 channels per group at H*W 1024 (the largest such group, 16 warps). Groups
-# walked in tiles: 4 x 2304 positions (several H*W tiles per channel, the last one partial), and
-# 24 channels per group at 30x30 (several channel tiles, positions masked in each).
+# (shape, groups, with time bias, with SiLU). Groups held whole in registers (elements padded to
+# powers of two, up to _MAX_ONE_TILE_FWD/BWD): H*W of 1, 49, 64 and 1024; 3 channels per group (not
+# a power of two); 8 channels per group at H*W 1024 (the largest group the forward holds, at 16
+# warps; the backward walks it in tiles). Groups walked in tiles: 4 x 2304 positions (several H*W
+# tiles per channel, the last one partial), and 24 channels per group at 30x30 (several channel
+# tiles, positions masked in each).
 SHAPES = [
     ((2, 24, 7, 7), 8, True, True),
     ((2, 32, 1, 1), 8, True, True),
@@ -133,10 +134,12 @@ def test_large_mean_is_stable(shape, groups, device):
 
 
 def test_shapes_take_both_paths():
-    """SHAPES holds groups of both kinds: whole in registers, and walked in tiles."""
-    one_tile = [_launch_config(shape[1] // groups, shape[2] * shape[3], False)["ONE_TILE"]
+    """SHAPES holds groups of both kinds, forward and backward: whole in registers, and walked in tiles."""
+    def one_tile(backward):
+        return [_launch_config(shape[1] // groups, shape[2] * shape[3], False, backward)["ONE_TILE"]
                 for shape, groups, *_ in SHAPES]
-    assert one_tile == [True, True, True, True, False, True, False]
+    assert one_tile(backward=False) == [True, True, True, True, False, True, False]
+    assert one_tile(backward=True) == [True, True, True, True, False, False, False]
 
 
 def test_backward_is_deterministic(device):
