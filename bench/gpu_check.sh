@@ -14,7 +14,7 @@
 # compared on synthetic digits.
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a CPU, quick and short, to test this script.
 # DDPM_COMMIT=<hash> names the commit in the results where the tree has no .git.
-# Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE,PROFILE}_SECONDS: 130 + 225 + 140 + 60 s,
+# Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE,PROFILE}_SECONDS: 130 + 225 + 140 + 45 s,
 # inside the device call's timeout_s of 590; the benchmarks also get the time the tests left); the
 # benchmark writes its results row by row, so a stage cut short still leaves what it measured.
 set -uo pipefail
@@ -115,7 +115,7 @@ echo "== 3/4 $STEPS steps, eager fp32 vs default, same seed"
 timeout "${GPU_CHECK_COMPARE_SECONDS:-140}" $PY -m bench.compare_losses --config "$CONFIG" --steps "$STEPS" --window "$WINDOW" --eval-samples "$EVAL_SAMPLES" --out "$OUT" ${DATA[@]+"${DATA[@]}"} \
   > "$OUT/compare.txt" 2>&1 || { status=1; tail -n 20 "$OUT/compare.txt"; }
 echo "== 4/4 the sampling step's kernels (profiler, no CUDA graph; the table: $OUT/profile.txt)"
-timeout "${GPU_CHECK_PROFILE_SECONDS:-60}" $PY -m bench.profile --config "$CONFIG" --train-steps 0 --sample-steps 10 \
+timeout "${GPU_CHECK_PROFILE_SECONDS:-45}" $PY -m bench.profile --config "$CONFIG" --train-steps 0 --sample-steps 10 \
   --rows 40 --out /tmp/ddpm-profile sample.cuda_graph=disabled ${DATA[@]+"${DATA[@]}"} > "$OUT/profile.txt" 2>&1 \
   || { status=1; tail -n 20 "$OUT/profile.txt"; }
 grep -E "Self (CPU|CUDA) time total" "$OUT/profile.txt"

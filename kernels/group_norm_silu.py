@@ -1,9 +1,9 @@
 """Fused y = SiLU(GroupNorm(x + t[:, :, None, None])) in Triton, registered as a torch custom op.
 
 One program per (sample, group). The group is a [C/G channels, H*W positions] block, so
-per-channel sums (dgamma, dbeta, dt) are row sums. A group small enough (8192 elements forward,
-4096 backward: most of the seed UNet's GroupNorms) is loaded once as one tile and held in
-registers, so the kernel reads its inputs once. Larger groups are walked as [BLOCK_C, BLOCK_HW]
+per-channel sums (dgamma, dbeta, dt) are row sums. A group small enough (its channels and positions
+each padded to a power of two, 8192 elements forward and 4096 backward: most of the seed UNet's
+GroupNorms) is loaded once as one tile and held in registers, so the kernel reads its inputs once. Larger groups are walked as [BLOCK_C, BLOCK_HW]
 tiles, twice (statistics, then output). Statistics are fp32 whatever the input dtype. The backward
 writes per-(sample, channel) partial sums that torch reduces over the batch: deterministic, no
 atomics.
@@ -38,7 +38,8 @@ _ONE_TILE_PER_THREAD = 16
 @triton.jit
 def _group_layout(n, c_first, C, HW, CHANNELS_LAST: tl.constexpr):
     """Offset of the group's first element, and the steps to the next channel and the next position.
-    x, y, dy and dx share one layout; offsets inside a group fit in int32."""
+    x, y, dy and dx share one layout; offsets from the group's first element stay inside one sample,
+    which _check keeps under 2**31 elements (int32)."""
     base = n.to(tl.int64) * C * HW
     if CHANNELS_LAST:
         return base + c_first, 1, C
@@ -111,7 +112,7 @@ def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         for c0 in range(0, CPG, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             c_mask = cs < CPG
-            t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else None
+            t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else 0.0
             for hw0 in range(0, HW, BLOCK_HW):
                 v, offs, mask = _load_tile(x_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
                 tile_count = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(HW - hw0, BLOCK_HW)).to(tl.float32)
@@ -225,7 +226,9 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
             for hw0 in range(0, HW, BLOCK_HW):
                 xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
                                                 mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
-                acc_dx += _dx_store(dx_ptr, xhat, g, offs, mask, w, rstd, c1, c2)
+                dx = _dx_store(dx_ptr, xhat, g, offs, mask, w, rstd, c1, c2)
+                if HAS_T:
+                    acc_dx += dx
             if HAS_T:
                 tl.store(dt_ptr + nc_row + cs, tl.sum(acc_dx, axis=1), mask=c_mask)
 
@@ -263,6 +266,7 @@ _FLEXIBLE = ({"tags": (torch.Tag.flexible_layout,)}
 
 def _check(x, weight, bias, time_bias, num_groups):
     torch._check(x.dim() == 4, lambda: f"group_norm_silu expects NCHW, got shape {tuple(x.shape)}")
+    torch._check(x[0].numel() < 2**31, lambda: f"one sample of {x[0].numel()} elements overflows int32 offsets")
     torch._check(x.shape[1] % num_groups == 0,
                  lambda: f"{x.shape[1]} channels do not split into {num_groups} groups")
     torch._check(weight.shape == (x.shape[1],) and bias.shape == (x.shape[1],),

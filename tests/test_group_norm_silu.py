@@ -16,7 +16,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # a power of two); 8 channels per group at H*W 1024 (the largest group the forward holds, at 16
 # warps; the backward walks it in tiles). Groups walked in tiles: 4 x 2304 positions (several H*W
 # tiles per channel, the last one partial), and 24 channels per group at 30x30 (several channel
-# tiles, positions masked in each).
+# tiles, positions masked in each), with and without time bias and SiLU.
 SHAPES = [
     ((2, 24, 7, 7), 8, True, True),
     ((2, 32, 1, 1), 8, True, True),
@@ -25,6 +25,8 @@ SHAPES = [
     ((1, 4, 48, 48), 1, True, False),
     ((1, 16, 32, 32), 2, False, True),
     ((2, 48, 30, 30), 2, True, True),
+    ((2, 48, 30, 30), 2, False, True),
+    ((2, 48, 30, 30), 2, True, False),
 ]
 
 
@@ -118,12 +120,13 @@ def test_time_bias_and_activation_switches(has_t, activation, device):
     _check((2, 16, 4, 4), 8, has_t, activation, device, torch.float32)
 
 
+@pytest.mark.parametrize("shape,groups", [((2, 16, 8, 8), 8), ((2, 48, 30, 30), 2)], ids=["one tile", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_activations_fp32_params(dtype, device):
+def test_low_precision_activations_fp32_params(dtype, shape, groups, device):
     """Autocast's layout: activations and time bias in half precision, GroupNorm's affine in fp32."""
     if dtype not in _dtypes(device):
         pytest.skip("this GPU has no bf16")
-    _check((2, 16, 8, 8), 8, True, True, device, dtype, param_dtype=torch.float32)
+    _check(shape, groups, True, True, device, dtype, param_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 16, 32, 32), 2), ((1, 32, 32, 32), 1)], ids=["one tile", "tiles"])
@@ -138,8 +141,8 @@ def test_shapes_take_both_paths():
     def one_tile(backward):
         return [_launch_config(shape[1] // groups, shape[2] * shape[3], False, backward)["ONE_TILE"]
                 for shape, groups, *_ in SHAPES]
-    assert one_tile(backward=False) == [True, True, True, True, False, True, False]
-    assert one_tile(backward=True) == [True, True, True, True, False, False, False]
+    assert one_tile(backward=False) == [True, True, True, True, False, True, False, False, False]
+    assert one_tile(backward=True) == [True, True, True, True, False, False, False, False, False]
 
 
 def test_backward_is_deterministic(device):
