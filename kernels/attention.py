@@ -2,7 +2,10 @@
 
 qkv is [B, 3C, N] (channels q | k | v, head j owning channels [j*d, (j+1)*d) of each) and the
 output is [B, C, N]: the kernels address q, k, v, out and the gradients through their strides, so
-nothing is transposed or copied. With N <= 256 a program holds a block of rows against *all* N
+nothing is transposed or copied. The output and dqkv take qkv's layout: channels innermost when a
+channels-last convolution made qkv (inductor's layout for inference graphs on CUDA, and for every
+graph on the CPU), else contiguous; the ops are tagged flexible_layout, so inductor passes such a
+qkv as it is instead of copying it to contiguous and the output back. With N <= 256 a program holds a block of rows against *all* N
 columns of the score matrix, so the softmax is exact in one pass (no online rescaling, no
 [rows, d] accumulator); d is walked in BLOCK_D chunks, both when forming scores and when applying
 them, which bounds the operands tl.dot holds in shared memory or registers.
@@ -13,6 +16,8 @@ launches that write disjoint parts of dqkv, so it is deterministic without atomi
   - per query block: delta = rowsum(dO * O) (stored) and dq;
   - per key block, against all queries: dk and dv.
 """
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -209,14 +214,29 @@ def _check(qkv: torch.Tensor, num_heads: int):
     torch._check(qkv.shape[2] <= _MAX_SEQ, lambda: f"sequence length {qkv.shape[2]} > {_MAX_SEQ}")
 
 
-@torch.library.custom_op("ddpm_kernels::attention", mutates_args=())
+def _empty_in_layout_of(qkv: torch.Tensor, channels: int) -> torch.Tensor:
+    """[B, channels, N] in qkv's layout: channels innermost if qkv's are (a channels-last
+    convolution's output viewed as [B, 3C, N]), else contiguous."""
+    batch, _, seq = qkv.shape
+    if seq > 1 and qkv.stride(1) == 1:
+        return qkv.new_empty((batch, seq, channels)).transpose(1, 2)
+    return qkv.new_empty((batch, channels, seq))
+
+
+# Inductor may hand a flexible_layout op any strides (where custom_op takes tags: torch 2.11 and
+# 2.14 do; 2.6's does not, and inductor keeps the traced strides, copying as before).
+_FLEXIBLE = ({"tags": (torch.Tag.flexible_layout,)}
+             if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+
+
+@torch.library.custom_op("ddpm_kernels::attention", mutates_args=(), **_FLEXIBLE)
 def _attention_fwd(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns out [B, C, N] (contiguous, qkv's dtype) and lse [B, heads, N] (fp32)."""
+    """Returns out [B, C, N] (qkv's layout and dtype) and lse [B, heads, N] (fp32)."""
     _check(qkv, num_heads)
     batch, three_c, seq = qkv.shape
     c = three_c // 3
     head_dim = c // num_heads
-    out = qkv.new_empty((batch, c, seq))
+    out = _empty_in_layout_of(qkv, c)
     lse = qkv.new_empty((batch, num_heads, seq), dtype=torch.float32)
     cfg = _launch_config(batch * num_heads, seq, head_dim, qkv.dtype, qkv.device)
     grid = (triton.cdiv(seq, cfg["BLOCK_R"]), batch * num_heads)
@@ -229,18 +249,18 @@ def _attention_fwd(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, tor
 def _(qkv, num_heads):
     _check(qkv, num_heads)
     batch, three_c, seq = qkv.shape
-    return (qkv.new_empty((batch, three_c // 3, seq)),
+    return (_empty_in_layout_of(qkv, three_c // 3),
             qkv.new_empty((batch, num_heads, seq), dtype=torch.float32))
 
 
-@torch.library.custom_op("ddpm_kernels::attention_backward", mutates_args=())
+@torch.library.custom_op("ddpm_kernels::attention_backward", mutates_args=(), **_FLEXIBLE)
 def _attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    num_heads: int) -> torch.Tensor:
-    """dqkv [B, 3C, N] (contiguous) from dout [B, C, N] and the forward's qkv, out, lse."""
+    """dqkv [B, 3C, N] (qkv's layout) from dout [B, C, N] (any strides) and the forward's qkv, out, lse."""
     batch, three_c, seq = qkv.shape
     c = three_c // 3
     head_dim = c // num_heads
-    dqkv = qkv.new_empty((batch, three_c, seq))
+    dqkv = _empty_in_layout_of(qkv, three_c)
     delta = torch.empty_like(lse)
     cfg = _launch_config(batch * num_heads, seq, head_dim, qkv.dtype, qkv.device)
     grid = (triton.cdiv(seq, cfg["BLOCK_R"]), batch * num_heads)
@@ -255,7 +275,7 @@ def _attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse
 
 @_attention_bwd.register_fake
 def _(dout, qkv, out, lse, num_heads):
-    return qkv.new_empty(qkv.shape)
+    return _empty_in_layout_of(qkv, qkv.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
