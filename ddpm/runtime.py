@@ -1,5 +1,6 @@
 """How the model runs on this machine: device, autocast precision, torch.compile, cache dir.
 Shared by training, sampling and evaluation; "auto" settings resolve here."""
+import hashlib
 import os
 import re
 import sys
@@ -107,8 +108,19 @@ def compile_model(fn, mode: str, device: torch.device):
     mode = resolve_compile(mode, device)
     if mode == "none":
         return fn
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor" / kernels_fingerprint()))
     return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+
+
+def kernels_fingerprint(kernels_dir: Path = Path(__file__).resolve().parents[1] / "kernels") -> str:
+    """A hash of kernels/'s source. Inductor's caches key a graph on the custom ops' names, not on
+    their code, so a compiled backward cached before an op's autograd formula or outputs changed
+    would be reused after it and fail ("wrong number of dimensions"): each version of the ops gets
+    its own cache folder."""
+    digest = hashlib.sha256()
+    for source in sorted(kernels_dir.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    return f"kernels-{digest.hexdigest()[:12]}"
 
 
 def cache_dir() -> Path:

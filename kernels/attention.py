@@ -206,12 +206,16 @@ def _launch_config(batch_heads: int, seq: int, head_dim: int, dtype: torch.dtype
 
 
 def _check(qkv: torch.Tensor, num_heads: int):
-    torch._check(qkv.dim() == 3, lambda: f"attention expects qkv [B, 3C, N], got shape {tuple(qkv.shape)}")
-    torch._check(qkv.shape[1] % (3 * num_heads) == 0,
-                 lambda: f"{qkv.shape[1]} channels do not split into q, k, v of {num_heads} heads")
-    torch._check(qkv.shape[1] // (3 * num_heads) <= _MAX_HEAD_DIM,
-                 lambda: f"head dim {qkv.shape[1] // (3 * num_heads)} > {_MAX_HEAD_DIM}")
-    torch._check(qkv.shape[2] <= _MAX_SEQ, lambda: f"sequence length {qkv.shape[2]} > {_MAX_SEQ}")
+    """One-line errors for bad shapes: plain comparisons, not torch._check, on the launch path."""
+    if qkv.dim() != 3:
+        raise RuntimeError(f"attention expects qkv [B, 3C, N], got shape {tuple(qkv.shape)}")
+    _, three_c, seq = qkv.shape
+    if three_c % (3 * num_heads):
+        raise RuntimeError(f"{three_c} channels do not split into q, k, v of {num_heads} heads")
+    if three_c // (3 * num_heads) > _MAX_HEAD_DIM:
+        raise RuntimeError(f"head dim {three_c // (3 * num_heads)} > {_MAX_HEAD_DIM}")
+    if seq > _MAX_SEQ:
+        raise RuntimeError(f"sequence length {seq} > {_MAX_SEQ}")
 
 
 def _empty_in_layout_of(qkv: torch.Tensor, channels: int) -> torch.Tensor:

@@ -196,7 +196,7 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
         c1, c2 = _store_channel_sums(dw_partial_ptr, db_partial_ptr, nc_row, cs, c_mask, g, g * xhat, w)
         dx = _dx_store(dx_ptr, xhat, g, offs, mask, w, rstd, c1 / group_size, c2 / group_size)
         if HAS_T:  # dt[n, c]: dx summed over the channel's H*W
-            tl.store(dt_ptr + nc_row + cs, tl.sum(dx, axis=1), mask=c_mask)
+            tl.store(dt_ptr + nc_row + cs, tl.sum(dx, axis=1).to(dt_ptr.dtype.element_ty), mask=c_mask)
     else:
         # Pass 1: per-channel sums of g and g*xhat, and the group's sums for dx.
         c1 = 0.0
@@ -230,14 +230,19 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
                 if HAS_T:
                     acc_dx += dx
             if HAS_T:
-                tl.store(dt_ptr + nc_row + cs, tl.sum(acc_dx, axis=1), mask=c_mask)
+                tl.store(dt_ptr + nc_row + cs, tl.sum(acc_dx, axis=1).to(dt_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 without its ~4 us of constexpr handling per call on the launch path."""
+    return 1 << (n - 1).bit_length()
 
 
 def _launch_config(channels_per_group: int, hw: int, channels_last: bool, backward: bool):
     """The whole group as one tile when it fits (_MAX_ONE_TILE_FWD/BWD); otherwise tiles as long as
     possible along the contiguous axis: H*W in NCHW, the group's channels in channels-last (where
     each position holds only C/G of them)."""
-    c_pow2, hw_pow2 = triton.next_power_of_2(channels_per_group), triton.next_power_of_2(hw)
+    c_pow2, hw_pow2 = _next_power_of_2(channels_per_group), _next_power_of_2(hw)
     if c_pow2 * hw_pow2 <= (_MAX_ONE_TILE_BWD if backward else _MAX_ONE_TILE_FWD):
         num_warps = max(4, c_pow2 * hw_pow2 // (32 * _ONE_TILE_PER_THREAD))
         return dict(ONE_TILE=True, BLOCK_C=c_pow2, BLOCK_HW=hw_pow2, num_warps=num_warps)
@@ -265,14 +270,19 @@ _FLEXIBLE = ({"tags": (torch.Tag.flexible_layout,)}
 
 
 def _check(x, weight, bias, time_bias, num_groups):
-    torch._check(x.dim() == 4, lambda: f"group_norm_silu expects NCHW, got shape {tuple(x.shape)}")
-    torch._check(x[0].numel() < 2**31, lambda: f"one sample of {x[0].numel()} elements overflows int32 offsets")
-    torch._check(x.shape[1] % num_groups == 0,
-                 lambda: f"{x.shape[1]} channels do not split into {num_groups} groups")
-    torch._check(weight.shape == (x.shape[1],) and bias.shape == (x.shape[1],),
-                 lambda: "weight and bias must have one value per channel")
-    torch._check(time_bias is None or time_bias.shape == x.shape[:2],
-                 lambda: f"time bias must be [N, C] = {list(x.shape[:2])}, got {list(time_bias.shape)}")
+    """One-line errors for bad shapes, on every call: plain comparisons, not torch._check, which cost
+    ~2 us each on the launch path (under torch.compile they become guards on the static shapes)."""
+    if x.dim() != 4:
+        raise RuntimeError(f"group_norm_silu expects NCHW, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if c * h * w >= 2**31:
+        raise RuntimeError(f"one sample of {c * h * w} elements overflows int32 offsets")
+    if c % num_groups:
+        raise RuntimeError(f"{c} channels do not split into {num_groups} groups")
+    if weight.shape != (c,) or bias.shape != (c,):
+        raise RuntimeError("weight and bias must have one value per channel")
+    if time_bias is not None and time_bias.shape != (n, c):
+        raise RuntimeError(f"time bias must be [N, C] = {[n, c]}, got {list(time_bias.shape)}")
 
 
 @torch.library.custom_op("ddpm_kernels::group_norm_silu", mutates_args=(), **_FLEXIBLE)
@@ -307,8 +317,9 @@ def _(x, weight, bias, time_bias, num_groups, eps, activation):
 @torch.library.custom_op("ddpm_kernels::group_norm_silu_backward", mutates_args=(), **_FLEXIBLE)
 def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          time_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                         activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dx, dt ([N, C], or empty when there is no time bias), dweight, dbias."""
+                         activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dx, dt ([N, C] in the time bias's dtype, or empty without one), and dweight and dbias
+    stacked ([2, C], fp32: one reduction, and a custom op's outputs may not be views of one tensor)."""
     layout = _memory_format(x)
     channels_last = layout == torch.channels_last
     x, dy = x.contiguous(memory_format=layout), dy.contiguous(memory_format=layout)
@@ -316,23 +327,22 @@ def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     num_groups = mean.shape[1]
     has_t = time_bias is not None
     dx = torch.empty_like(x, memory_format=layout)
-    dw_partial = torch.empty((n, c), device=x.device, dtype=torch.float32)
-    db_partial = torch.empty_like(dw_partial)
-    dt = torch.empty_like(dw_partial) if has_t else dw_partial.new_empty(0)
+    # dgamma and dbeta per (sample, channel), summed over the batch below
+    partials = torch.empty((2, n, c), device=x.device, dtype=torch.float32)
+    dt = torch.empty((n, c), device=x.device, dtype=time_bias.dtype) if has_t else partials.new_empty(0)
     _bwd_kernel[(n * num_groups,)](
         x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(), dy,
-        mean, rstd, dx, dt, dw_partial, db_partial, num_groups, c // num_groups, h * w,
+        mean, rstd, dx, dt, partials[0], partials[1], num_groups, c // num_groups, h * w,
         HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=channels_last,
         **_launch_config(c // num_groups, h * w, channels_last, backward=True))
-    return (dx, dt.to(time_bias.dtype) if has_t else dt,
-            dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(bias.dtype))
+    return dx, dt, partials.sum(1)
 
 
 @_group_norm_silu_bwd.register_fake
 def _(dy, x, weight, bias, time_bias, mean, rstd, activation):
     dt = time_bias.new_empty(time_bias.shape) if time_bias is not None else x.new_empty(0, dtype=torch.float32)
-    return (torch.empty_like(x, memory_format=_memory_format(x)), dt, weight.new_empty(weight.shape),
-            bias.new_empty(bias.shape))
+    return (torch.empty_like(x, memory_format=_memory_format(x)), dt,
+            x.new_empty((2, x.shape[1]), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -346,8 +356,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, time_bias, mean, rstd = ctx.saved_tensors
-    dx, dt, dweight, dbias = _group_norm_silu_bwd(dy, x, weight, bias, time_bias, mean, rstd, ctx.activation)
-    return dx, dweight, dbias, (dt if time_bias is not None else None), None, None, None
+    dx, dt, dparams = _group_norm_silu_bwd(dy, x, weight, bias, time_bias, mean, rstd, ctx.activation)
+    return (dx, dparams[0].to(weight.dtype), dparams[1].to(bias.dtype), (dt if time_bias is not None else None),
+            None, None, None)
 
 
 _group_norm_silu_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,4 +1,8 @@
 """ddpm/runtime.py: how "auto" and device names resolve. CUDA is faked: these are decisions, not kernels."""
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -119,3 +123,21 @@ def test_a_gpu_this_torch_cannot_use_is_named_not_skipped_silently(monkeypatch, 
     assert runtime.unusable_gpu_note() is None
     with pytest.raises(UserError, match="has no CUDA device"):
         runtime.resolve_device("cuda")
+
+
+def test_compiled_artifacts_are_cached_per_version_of_the_kernels(monkeypatch, tmp_path):
+    """Inductor's caches do not see a change to a custom op's code: a backward compiled before an op's
+    outputs changed failed after it. Each version of kernels/ gets its own cache folder."""
+    kernels = tmp_path / "kernels"
+    shutil.copytree(Path(runtime.__file__).resolve().parents[1] / "kernels", kernels,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    before = runtime.kernels_fingerprint(kernels)
+    assert runtime.kernels_fingerprint(kernels) == before
+    (kernels / "attention.py").write_text((kernels / "attention.py").read_text() + "\n# changed\n")
+    assert runtime.kernels_fingerprint(kernels) != before
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # so that the value compile_model sets is undone after
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "cache"))
+    runtime.compile_model(lambda x: x, "default", torch.device("cpu"))  # compiles lazily: nothing runs
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor" / runtime.kernels_fingerprint())
