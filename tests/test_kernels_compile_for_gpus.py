@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# A few bytes of stack in one small kernel (T4, fp16 GroupNorm backward: 8 with triton 3.8) are
+# A few bytes of stack in one small kernel (T4, fp32 GroupNorm forward: 8 with triton 3.6) are
 # noise; a tile that does not fit the register file spills hundreds (attention's 64-wide d chunk
 # on a T4 spilled 312 to 2,416 before the launch config gave FMA dots 16-wide chunks).
 SPILL_NOISE_BYTES = 64
