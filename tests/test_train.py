@@ -31,6 +31,17 @@ def assert_one_line_error(result, program):
     return lines[-1]
 
 
+def run_sample_main(capsys, monkeypatch, *args):
+    """sample.py's main() in this process (a subprocess costs ~4 s of imports): its exit status and
+    stderr as a CompletedProcess. An exception other than the CLI's exit propagates: a traceback."""
+    import sample
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        sample.main()
+    return subprocess.CompletedProcess(args, exit_.value.code, "", capsys.readouterr().err)
+
+
 def test_checkpoint_round_trip(tmp_path):
     ckpt = train(ci_config(tmp_path / "run", "train.steps=2"), progress=False)
     state = checkpoint.load(ckpt)
@@ -166,46 +177,50 @@ def test_train_cli_refuses_an_occupied_out_dir(tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before  # no lost work
 
 
-def test_sample_cli_bad_checkpoints(tmp_path):
+def test_sample_cli_bad_checkpoints(tmp_path, capsys, monkeypatch):
+    """The first case runs sample.py as a process; the others call its main() here, the same code
+    from argument parsing to the one-line error and exit status 2."""
     ckpt = train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
+
+    def error_of(*args):
+        return assert_one_line_error(run_sample_main(capsys, monkeypatch, *args), "sample.py")
+
     line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path)), "sample.py")
     assert "does not exist" in line
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(ckpt.read_bytes()[:5000])
-    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(truncated), "--out", str(tmp_path)), "sample.py")
+    line = error_of("--ckpt", str(truncated), "--out", str(tmp_path))
     assert "truncated" in line
     state = torch.load(ckpt, weights_only=True)
     state["config"]["model"]["base_channels"] = 16
     mismatched = tmp_path / "mismatched.pt"
     torch.save(state, mismatched)
-    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(mismatched), "--out", str(tmp_path)), "sample.py")
+    line = error_of("--ckpt", str(mismatched), "--out", str(tmp_path))
     assert "does not match the model" in line
-    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path), "--n", "0"), "sample.py")
+    line = error_of("--ckpt", str(ckpt), "--out", str(tmp_path), "--n", "0")
     assert "--n" in line
     if not torch.cuda.is_available():
-        line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path),
-                                             "--cuda-graph", "enabled"), "sample.py")
+        line = error_of("--ckpt", str(ckpt), "--out", str(tmp_path), "--cuda-graph", "enabled")
         assert "needs a CUDA device" in line
-    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path), "--device", "gpu"),
-                                 "sample.py")
+    line = error_of("--ckpt", str(ckpt), "--out", str(tmp_path), "--device", "gpu")
     assert "unknown device 'gpu'" in line
-    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(ckpt), "--out", str(truncated)), "sample.py")
+    line = error_of("--ckpt", str(ckpt), "--out", str(truncated))
     assert "cannot use" in line and "--out" in line
     state = torch.load(ckpt, weights_only=True)
     state["ema"] = [1, 2]
     malformed = tmp_path / "malformed.pt"
     torch.save(state, malformed)
-    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(malformed), "--out", str(tmp_path)), "sample.py")
+    line = error_of("--ckpt", str(malformed), "--out", str(tmp_path))
     assert "does not match the model" in line
     bare = tmp_path / "bare.pt"  # a bare state dict, as torch.save(model.state_dict()) writes
     torch.save(torch.load(ckpt, weights_only=True)["model"], bare)
-    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(bare), "--out", str(tmp_path)), "sample.py")
+    line = error_of("--ckpt", str(bare), "--out", str(tmp_path))
     assert "not a checkpoint of this toolkit" in line
     state = torch.load(ckpt, weights_only=True)
     state["format_version"] = 99
     future = tmp_path / "future.pt"
     torch.save(state, future)
-    line = assert_one_line_error(run_cli("sample.py", "--ckpt", str(future), "--out", str(tmp_path)), "sample.py")
+    line = error_of("--ckpt", str(future), "--out", str(tmp_path))
     assert "format version 99" in line
 
 
