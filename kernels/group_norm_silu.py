@@ -3,9 +3,10 @@
 One program per (sample, group). The group is a [C/G channels, H*W positions] block, so
 per-channel sums (dgamma, dbeta, dt) are row sums. A group small enough (its channels and positions
 each padded to a power of two, 8192 elements forward and 4096 backward: most of the seed UNet's
-GroupNorms) is loaded once as one tile and held in registers, so the kernel reads its inputs once. Larger groups are walked as [BLOCK_C, BLOCK_HW]
-tiles, twice (statistics, then output). Statistics are fp32 whatever the input dtype. The backward
-writes per-(sample, channel) partial sums that torch reduces over the batch: deterministic, no
+GroupNorms) is loaded once as one tile and held in registers, so the kernel reads its inputs once.
+Larger groups are walked as [BLOCK_C, BLOCK_HW] tiles, twice (statistics, then output; sums, then
+dx). Statistics are fp32 whatever the input dtype. The backward writes per-(sample, channel)
+partial sums of dgamma and dbeta that one torch reduction sums over the batch: deterministic, no
 atomics.
 
 Both memory formats run as they are: NCHW (a group is one contiguous run) and channels-last
