@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest  # noqa: E402
 import torch  # noqa: E402  (does not import triton)
 
-from ddpm.runtime import cache_dir, kernels_fingerprint  # noqa: E402
+from ddpm.runtime import use_inductor_cache  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see tests/conftest.py)
 # plain torch.compile calls too get a cache folder per version of kernels/ (see tests/conftest.py)
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor" / kernels_fingerprint()))
+use_inductor_cache()
 
 RESULTS_DIR = Path(__file__).parent / "results"
 ROWS: list[dict] = []

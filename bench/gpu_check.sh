@@ -30,8 +30,7 @@ for limit in "$TEST_SECONDS" "${GPU_CHECK_BENCH_SECONDS:-225}"; do  # used in ar
 done
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# one folder per version of kernels/: inductor's caches do not notice an op's code changing
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ddpm-inductor/$($PY -c "from ddpm.runtime import kernels_fingerprint; print(kernels_fingerprint())")}
+# inductor's artifacts too, in a folder per version of kernels/ (ddpm.runtime.use_inductor_cache)
 export DDPM_CACHE_DIR=${DDPM_CACHE_DIR:-/tmp/ddpm-cache}
 # a stage cut by its time limit keeps the log it had written
 export PYTHONUNBUFFERED=1

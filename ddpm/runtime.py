@@ -104,12 +104,19 @@ def compile_model(fn, mode: str, device: torch.device):
     """fn itself, or torch.compile(fn) as one graph (a graph break is a bug: fullgraph=True).
     Static shapes (dynamic=False): a run has one batch size, and a second compile of the same code
     at a new size gets its own static graph rather than dynamic-shape kernels.
-    Inductor's artifacts are cached in the user's cache dir unless TORCHINDUCTOR_CACHE_DIR is set."""
+    Inductor's artifacts are cached as use_inductor_cache says."""
     mode = resolve_compile(mode, device)
     if mode == "none":
         return fn
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor" / kernels_fingerprint()))
+    use_inductor_cache()
     return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+
+
+def use_inductor_cache() -> None:
+    """Inductor's artifacts go to cache_dir()/inductor/kernels-<hash of kernels/> unless
+    TORCHINDUCTOR_CACHE_DIR is set. Called by compile_model, and by the test and benchmark runners
+    for their plain torch.compile calls."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor" / kernels_fingerprint()))
 
 
 def kernels_fingerprint(kernels_dir: Path = Path(__file__).resolve().parents[1] / "kernels") -> str:

@@ -16,11 +16,11 @@ launches that write disjoint parts of dqkv, so it is deterministic without atomi
   - per query block: delta = rowsum(dO * O) (stored) and dq;
   - per key block, against all queries: dk and dv.
 """
-import inspect
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels import FLEXIBLE_LAYOUT
 
 _MAX_SEQ = 256
 _MAX_HEAD_DIM = 256
@@ -227,13 +227,7 @@ def _empty_in_layout_of(qkv: torch.Tensor, channels: int) -> torch.Tensor:
     return qkv.new_empty((batch, channels, seq))
 
 
-# Inductor may hand a flexible_layout op any strides (where custom_op takes tags: torch 2.11 and
-# 2.14 do; 2.6's does not, and inductor keeps the traced strides, copying as before).
-_FLEXIBLE = ({"tags": (torch.Tag.flexible_layout,)}
-             if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
-
-
-@torch.library.custom_op("ddpm_kernels::attention", mutates_args=(), **_FLEXIBLE)
+@torch.library.custom_op("ddpm_kernels::attention", mutates_args=(), **FLEXIBLE_LAYOUT)
 def _attention_fwd(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, C, N] (qkv's layout and dtype) and lse [B, heads, N] (fp32)."""
     _check(qkv, num_heads)
@@ -257,7 +251,7 @@ def _(qkv, num_heads):
             qkv.new_empty((batch, num_heads, seq), dtype=torch.float32))
 
 
-@torch.library.custom_op("ddpm_kernels::attention_backward", mutates_args=(), **_FLEXIBLE)
+@torch.library.custom_op("ddpm_kernels::attention_backward", mutates_args=(), **FLEXIBLE_LAYOUT)
 def _attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    num_heads: int) -> torch.Tensor:
     """dqkv [B, 3C, N] (qkv's layout) from dout [B, C, N] (any strides) and the forward's qkv, out, lse."""

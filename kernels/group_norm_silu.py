@@ -15,12 +15,13 @@ each position). The output keeps the input's format, and the op is tagged flexib
 inductor passes a channels-last graph's activations straight in instead of copying them to NCHW
 and back around every call.
 """
-import inspect
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels import FLEXIBLE_LAYOUT
 
 # Elements per tile when a group is walked in tiles: at 8 warps that is 8 fp32 values per thread
 # for each live tile, which keeps the backward (x, dy, xhat, two accumulators) well inside a T4's
@@ -264,12 +265,6 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-# Inductor may hand a flexible_layout op any strides (where custom_op takes tags: 2.11 and 2.14 do; 2.6's
-# does not, and inductor keeps the traced NCHW strides, copying as before).
-_FLEXIBLE = ({"tags": (torch.Tag.flexible_layout,)}
-             if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
-
-
 def _check(x, weight, bias, time_bias, num_groups):
     """One-line errors for bad shapes, on every call: plain comparisons, not torch._check, which cost
     ~2 us each on the launch path (under torch.compile they become guards on the static shapes)."""
@@ -286,7 +281,7 @@ def _check(x, weight, bias, time_bias, num_groups):
         raise RuntimeError(f"time bias must be [N, C] = {[n, c]}, got {list(time_bias.shape)}")
 
 
-@torch.library.custom_op("ddpm_kernels::group_norm_silu", mutates_args=(), **_FLEXIBLE)
+@torch.library.custom_op("ddpm_kernels::group_norm_silu", mutates_args=(), **FLEXIBLE_LAYOUT)
 def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          time_bias: Optional[torch.Tensor], num_groups: int, eps: float,
                          activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,7 +310,7 @@ def _(x, weight, bias, time_bias, num_groups, eps, activation):
     return torch.empty_like(x, memory_format=_memory_format(x)), mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("ddpm_kernels::group_norm_silu_backward", mutates_args=(), **_FLEXIBLE)
+@torch.library.custom_op("ddpm_kernels::group_norm_silu_backward", mutates_args=(), **FLEXIBLE_LAYOUT)
 def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          time_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                          activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

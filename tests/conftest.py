@@ -4,13 +4,10 @@ import os
 # on a 2-core machine (the CLIs the tests start inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402  (importing torch does not import triton)
 
-from ddpm.runtime import kernels_fingerprint  # noqa: E402
+from ddpm.runtime import use_inductor_cache  # noqa: E402
 
 # Triton kernels run under the interpreter on machines without a GPU; this must be set before
 # triton is first imported. Where a GPU exists the kernels run compiled.
@@ -18,9 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # Inductor's caches do not notice a change to the ops in kernels/ (ddpm.runtime.kernels_fingerprint):
-# compiled graphs of each version of them go to their own folder, here as in compile_model.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                      str(Path(tempfile.gettempdir()) / "ddpm-tests-inductor" / kernels_fingerprint()))
+# plain torch.compile calls too cache in a folder per version of them, as compile_model does.
+use_inductor_cache()
 # Eager and compiled paths are compared at fp32 tolerances: no TF32 in cuDNN convolutions or matmuls.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import kernels
 from ddpm.runtime import has_bf16
 from kernels import reference
 from kernels.attention import attention
@@ -174,7 +175,7 @@ def test_compiled_inference_passes_channels_last_qkv_without_copies(monkeypatch,
     is (channel stride 1) and its output goes to the projection as it is: no copies around it.
     (Training graphs keep their saved activations' traced strides, so there qkv is copied.)"""
     from kernels import attention as attention_module
-    if not attention_module._FLEXIBLE:
+    if not kernels.FLEXIBLE_LAYOUT:
         pytest.skip("this torch's custom_op takes no tags: inductor copies qkv to the traced layout")
     launches = []
     kernel = attention_module._fwd_kernel

@@ -4,6 +4,7 @@ import contextlib
 import pytest
 import torch
 
+import kernels
 from ddpm import config, data, model
 from ddpm.diffusion import Diffusion
 from ddpm.train import Trainer
@@ -122,7 +123,7 @@ def test_compiled_triton_unet_is_one_graph_and_matches_eager(monkeypatch):
     # Inductor runs this graph's convolutions channels-last (always on CPU; in inference graphs on
     # CUDA), and hands the GroupNorm op their outputs as they are: no copy to NCHW and back. (The
     # first GroupNorm's input, the 1-channel image, is both layouts at once.)
-    if group_norm_silu._FLEXIBLE:
+    if kernels.FLEXIBLE_LAYOUT:
         layouts = {name: [(launch["CPG"] * launch["G"], launch["CHANNELS_LAST"]) for launch in spy.launches
                           if launch["CPG"] * launch["G"] > 1] for name, spy in spies.items()}
         assert len(layouts["_fwd_kernel"]) == len(layouts["_bwd_kernel"]) > 0, layouts
