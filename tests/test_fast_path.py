@@ -174,6 +174,32 @@ def test_compiled_sampling_step_matches_the_eager_loop(sampler):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_sampling_step_holds_the_weights_it_was_built_with():
+    """Inductor's freezing folds the weights into the compiled step. A FastStep built after they
+    change must see the change (its own dynamo cache: the weights' identity is unchanged)."""
+    from ddpm.sample import FastStep
+    cfg = config.load("configs/ci.yaml", ["sample.sampler=ddim", "diffusion.timesteps=20", "sample.steps=3"])
+    torch.manual_seed(0)
+    net = model.build(cfg).eval()
+    d = Diffusion.from_config(cfg.diffusion)
+    plan = d.plan(cfg.sample)
+
+    def sample(step=None):
+        return d.sample(net, (2, 1, 32, 32), plan, True, torch.Generator().manual_seed(1), step=step)[0]
+
+    built_first = FastStep(net, plan, True, "cpu", precision="fp32", compile="default", cuda_graph="auto")
+    before = sample(built_first)
+    torch.testing.assert_close(before, sample(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.5)
+    expected = sample()
+    assert (expected - before).abs().max() > 0.1  # the change shows in the samples
+    assert (sample(built_first) - expected).abs().max() > 0.01  # frozen: the first step kept (some of) the old weights
+    built_after = FastStep(net, plan, True, "cpu", precision="fp32", compile="default", cuda_graph="auto")
+    torch.testing.assert_close(sample(built_after), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_ema_matches_torchs_averaged_model():
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from ddpm.train import EMA
