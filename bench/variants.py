@@ -38,13 +38,16 @@ SAMPLE = {
                                 "sample.cuda_graph=enabled"],
     "compiled-auto+cudagraph+triton": [*SAMPLE_EAGER, "sample.compile=default", "sample.precision=auto",
                                        "sample.cuda_graph=enabled", "model.kernels=triton", "model.attention=triton"],
+    # the default with inductor's autotuning (Triton templates against cuDNN for the convolutions,
+    # which are half the replayed step on an H200); its compile takes minutes, so not in the check
+    "default-max-autotune": ["sample.compile=max-autotune"],
 }
 
 # Variants that need a GPU (CUDA graphs, bf16 autocast speed is meaningless on CPU, Triton would run
 # in the interpreter) are skipped by the quick CPU run.
 GPU_ONLY = {"eager-bf16", "eager-sdpa-bf16", "compiled-auto+triton", "compiled-auto+triton+sdpa",
             "compiled-auto+triton+cudagraph", "compiled-auto+cudagraph", "compiled-auto+cudagraph+triton",
-            "default-no-cudagraph"}
+            "default-no-cudagraph", "default-max-autotune"}
 
 # What bench/gpu_check.sh measures within its time budget, in TRAIN's and SAMPLE's order. Each compiled
 # variant costs a compile, so the eager ones (seconds; seed-like shows what the resident loader buys)

@@ -98,6 +98,15 @@ def test_the_gpu_check_names_variants_that_exist_in_their_order():
         assert chosen[:2] == [variants.BASELINE, "default"]
 
 
+def test_every_variant_is_a_valid_config():
+    """The GPU-only variants never run in CI: a bad override there would surface only on a lent GPU."""
+    from bench import variants
+    from ddpm import config
+    for name, overrides in [*variants.TRAIN.items(), *variants.SAMPLE.items()]:
+        config.load("configs/mnist.yaml", overrides)
+    assert variants.GPU_ONLY <= variants.TRAIN.keys() | variants.SAMPLE.keys()
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
