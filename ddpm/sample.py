@@ -35,14 +35,20 @@ def step_compile_mode(compile: str, use_graph: bool) -> str:
 
 
 def compile_with_frozen_weights(fn, mode: str, device):
-    """compile_model(fn), traced and compiled under inductor's freezing: called without grad, the
-    weights fn reads become constants of its graph, so their casts to the autocast dtype happen once
-    at compile time instead of at every step (the 1000-step DDPM step on an H200: 0.62 -> 0.55 ms,
-    bench/results/nvidia-h200/conv-options.md). The switch must be on when dynamo traces, not only in
-    inductor (torch.compile's options reach inductor alone). Dynamo then guards on the weights'
-    identity, not their values, and keeps compiled graphs per code object: fn gets a code object of
-    its own, so that a later call with the same module's weights changed in place compiles afresh
-    instead of reusing this graph's constants."""
+    """compile_model(fn), traced and compiled under inductor's freezing: in a compile without grad,
+    the weights fn reads become constants of its graph, so their casts to the autocast dtype happen
+    once instead of at every step (the 1000-step DDPM step on an H200: 0.62 -> 0.55 ms,
+    bench/results/nvidia-h200/conv-options.md).
+    - The switch must be on while dynamo traces, not only in inductor (torch.compile's options reach
+      inductor alone); so it wraps every call. Without a CUDA graph that costs ~20 us a step.
+    - Dynamo matches the frozen weights by identity, not value, and keeps its graphs per code object:
+      fn gets a code object of its own, so a later compile_with_frozen_weights (a new FastStep) on
+      the same module with weights changed in place compiles afresh instead of reusing old constants.
+    - The compiled function itself, after its weights change in place, gives undefined results
+      (some weights frozen, some read live): build a new one.
+    - Each compile's constants stay in inductor's module cache for the life of the process (tens
+      of MB for the seed UNet), and on a CPU (weights prepacked for oneDNN) inductor's disk cache
+      is bypassed, so each FastStep compiles from scratch there."""
     fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     compiled = compile_model(fn, mode, device)
     if compiled is fn:
@@ -59,8 +65,8 @@ class FastStep:
     """The denoising step as one compiled region (the UNet under autocast, then the whole update
     fused by inductor) and, on CUDA, captured once in a CUDA graph and replayed for every step.
     The step index is a device tensor, so one graph serves all steps of a plan (DDPM or DDIM).
-    A compiled step holds the weights of its first call (compile_with_frozen_weights): build a new
-    FastStep after changing them."""
+    A compiled step freezes the weights it was compiled with (compile_with_frozen_weights): build a
+    new FastStep after changing them."""
 
     def __init__(self, net, plan: SamplerPlan, clip_x0: bool, device, precision="auto", compile="auto",
                  cuda_graph="auto"):

@@ -174,7 +174,7 @@ def test_compiled_sampling_step_matches_the_eager_loop(sampler):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_sampling_step_holds_the_weights_it_was_built_with():
+def test_compiled_sampling_step_freezes_its_weights_and_a_new_step_sees_changed_ones():
     """Inductor's freezing folds the weights into the compiled step. A FastStep built after they
     change must see the change (its own dynamo cache: the weights' identity is unchanged)."""
     from ddpm.sample import FastStep
