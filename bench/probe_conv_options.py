@@ -5,19 +5,20 @@ autocast dtype; ddpm.sample does it, the rows without it patch it out).
   python -m bench.probe_conv_options --out DIR
 
 Rows, in one process: the 1000-step DDPM sampling step (64 images, seed UNet) per option set, ms per
-step from CUDA events over timed rounds after the capture; the eager fp32 loop for the ratio; then the
-default training step with and without cudnn.benchmark. Each row prints as it is measured and is
-appended to DIR/conv-options.md, so a time limit leaves what was measured."""
+step by the wall clock over timed rounds after the capture, each round ending in a device sync; the
+eager fp32 loop for the ratio; then the default training step with and without cudnn.benchmark.
+Each row prints as it is measured and is appended to DIR/conv-options.md, so a time limit leaves
+what was measured."""
 import argparse
 import contextlib
 import time
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from bench import variants
-from bench.common import load_config, synthetic_digits
+from bench.common import load_config, sync, synthetic_digits
 import ddpm.sample
 from ddpm import model
 from ddpm.diffusion import Diffusion
@@ -30,20 +31,15 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU
 QUICK = DEVICE.type == "cpu"
 
 
-def sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def per_step_ms(fn, steps: int, rounds: int = 3) -> float:
     """The median over rounds of a round's time per step; a round ends in a device sync."""
     times = []
     for _ in range(rounds):
-        sync()
+        sync(DEVICE)
         started = time.perf_counter()
         for i in range(steps):
             fn(i)
-        sync()
+        sync(DEVICE)
         times.append((time.perf_counter() - started) * 1e3 / steps)
     return sorted(times)[len(times) // 2]
 
@@ -66,7 +62,7 @@ def sampling_row(name, overrides, cudnn_benchmark, freezing, steps):
     with contextlib.nullcontext() if freezing else unfrozen, torch.inference_mode():
         step = FastStep(net, plan, s.clip_x0, device, s.precision, s.compile, s.cuda_graph)
         step(0, x, noise)
-        sync()
+        sync(DEVICE)
         setup = time.perf_counter() - started
         ms = per_step_ms(lambda i: step(i % len(plan.timesteps), x, noise), steps)
     return f"| sample ddpm x64 | {name} | cudnn.benchmark={cudnn_benchmark} freezing={freezing} | {ms:.4f} | {setup:.1f} |"
@@ -81,7 +77,7 @@ def train_row(name, overrides, cudnn_benchmark):
     trainer = Trainer(cfg, device, synthetic_digits())
     for step in range(2 if QUICK else 20):
         trainer.step(step)
-    sync()
+    sync(DEVICE)
     setup = time.perf_counter() - started
     ms = per_step_ms(lambda i: trainer.step(100 + i), 3 if QUICK else 30)
     return f"| train step x64 | {name} | cudnn.benchmark={cudnn_benchmark} | {ms:.4f} | {setup:.1f} |"
