@@ -52,9 +52,10 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x, temb_act):
+    def forward(self, x, time_bias):
+        """time_bias: time_proj of the activated time embedding, [N, C] or [1, C] (UNet.time_biases)."""
         h = self.conv1(self.norm1(x))
-        h = self.conv2(self.norm2(h, self.time_proj(temb_act)))
+        h = self.conv2(self.norm2(h, time_bias))
         return h + self.skip(x)
 
 
@@ -126,16 +127,32 @@ class UNet(nn.Module):
             self.decoder_attn.append(attention(widths[max(i - 1, 0)], res))
         self.out = nn.Conv2d(widths[0], in_channels, 1)
 
-    def forward(self, x, t):
+    def time_biases(self, t) -> list[torch.Tensor]:
+        """What t adds to each ResBlock (in the order forward runs them): the time embedding through
+        the shared MLP and the block's projection. Depends on t alone, so a sampler can compute it
+        once for all its timesteps instead of at every step."""
         temb = self.time_act(self.time_embed(t))
+        return [block.time_proj(temb) for block in (*self.encoder, self.mid1, self.mid2, *self.decoder)]
+
+    def forward(self, x, t=None, time_biases=None):
+        """The predicted noise of x at timesteps t ([N]), or with time_biases (t's, or rows of a
+        table of them) in place of t."""
+        if time_biases is None:
+            if t is None:
+                raise TypeError("UNet.forward needs t or time_biases")
+            time_biases = self.time_biases(t)
+        elif len(time_biases) != len(self.encoder) + 2 + len(self.decoder):
+            raise ValueError(f"UNet.forward got {len(time_biases)} time biases for "
+                             f"{len(self.encoder) + 2 + len(self.decoder)} ResBlocks")
+        biases = iter(time_biases)
         skips = []
         for block, attn, down in zip(self.encoder, self.encoder_attn, self.down):
-            x = attn(block(x, temb))
+            x = attn(block(x, next(biases)))
             skips.append(x)
             x = down(x)
-        x = self.mid2(self.mid_attn(self.mid1(x, temb)), temb)
+        x = self.mid2(self.mid_attn(self.mid1(x, next(biases))), next(biases))
         for up, block, attn in zip(self.up, self.decoder, self.decoder_attn):
-            x = attn(block(torch.cat([up(x), skips.pop()], dim=1), temb))
+            x = attn(block(torch.cat([up(x), skips.pop()], dim=1), next(biases)))
         return self.out(x)
 
 

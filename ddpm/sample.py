@@ -1,5 +1,6 @@
 """Sampling from a checkpoint and the pictures a run shows: the grid, the denoising GIF, the
 forward-diffusion figure."""
+import functools
 import types
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from torchvision.utils import make_grid, save_image
 from ddpm import checkpoint, model as model_lib
 from ddpm.config import UserError
 from ddpm.diffusion import Diffusion, SamplerPlan
-from ddpm.runtime import compile_model, precision_dtype
+from ddpm.runtime import compile_model, precision_dtype, resolve_compile
 
 
 def load_model(ckpt_path, device, use_ema: bool = True):
@@ -65,20 +66,35 @@ class FastStep:
     """The denoising step as one compiled region (the UNet under autocast, then the whole update
     fused by inductor) and, on CUDA, captured once in a CUDA graph and replayed for every step.
     The step index is a device tensor, so one graph serves all steps of a plan (DDPM or DDIM).
-    A compiled step freezes the weights it was compiled with (compile_with_frozen_weights): build a
-    new FastStep after changing them."""
+    A compiled step takes the UNet's time biases from a table computed once for the plan's
+    timesteps (UNet.time_biases: the time MLP and every block's projection leave the step), and
+    freezes the weights it was compiled with (compile_with_frozen_weights): build a new FastStep
+    after changing them (time_table=False: the time MLP at every step, to measure what the table
+    buys). Uncompiled, it is the eager loop's step, the baseline."""
 
     def __init__(self, net, plan: SamplerPlan, clip_x0: bool, device, precision="auto", compile="auto",
-                 cuda_graph="auto"):
+                 cuda_graph="auto", time_table: bool = True):
         device = torch.device(device)
         dtype = precision_dtype(precision, device)
+        autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
+        self.use_graph = uses_cuda_graph(cuda_graph, device)
+        mode = step_compile_mode(compile, self.use_graph)
+        if resolve_compile(mode, device) == "none" or not time_table:
+            def predict(i, x):
+                return net(x, plan.timesteps[i].expand(x.shape[0]))
+        else:
+            with torch.no_grad(), autocast():  # the dtype the step's own linears would give
+                table = net.time_biases(plan.timesteps)  # [steps, C] per block; row i is step i's
+
+            def predict(i, x):
+                return net(x, time_biases=[biases[i] for biases in table])
 
         def body(i, x, noise):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                return Diffusion.denoise(net, plan, i, x, noise, clip_x0)
+            with autocast():
+                eps = predict(i, x).float()
+            return Diffusion.step(plan, i, x, eps, noise, clip_x0)
 
-        self.use_graph = uses_cuda_graph(cuda_graph, device)
-        self.body = compile_with_frozen_weights(body, step_compile_mode(compile, self.use_graph), device)
+        self.body = compile_with_frozen_weights(body, mode, device)
         # [S, 1]: indexing with a 1-element tensor is a device gather; a 0-d index would call .item()
         self.indices = torch.arange(len(plan.timesteps), device=device).unsqueeze(1)
         self.graph = None

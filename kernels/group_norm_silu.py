@@ -62,10 +62,10 @@ def _load_tile(x_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
 
 
 @triton.jit
-def _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T: tl.constexpr):
+def _channel_params(t_ptr, w_ptr, b_ptr, t_first, c_first, cs, c_mask, HAS_T: tl.constexpr):
     """This sample's time bias (0 without one: compiled code cannot return None), gamma and beta for
-    channels cs of the group, in fp32."""
-    t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else 0.0
+    channels cs of the group, in fp32. t_first: the offset of the group's first time bias."""
+    t_row = tl.load(t_ptr + t_first + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else 0.0
     w = tl.load(w_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + c_first + cs, mask=c_mask, other=0.0).to(tl.float32)
     return t_row, w, b
@@ -82,7 +82,7 @@ def _normalize_store(y_ptr, v, offs, mask, w, b, mean, rstd, ACTIVATION: tl.cons
 
 @triton.jit
 def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
-                G, CPG, HW, eps,
+                G, CPG, HW, t_stride_n, eps,
                 HAS_T: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                 ONE_TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
@@ -92,12 +92,13 @@ def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     x_ptr += base
     y_ptr += base
     nc_row = n * G * CPG + c_first  # offset of this group's first channel in [N, C] buffers
+    t_first = n * t_stride_n + c_first  # t_stride_n = 0: one time bias for the whole batch
     group_size = CPG * HW
 
     if ONE_TILE:  # the whole group in registers: one read of x, an exact two-pass variance
         cs = tl.arange(0, BLOCK_C)
         c_mask = cs < CPG
-        t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+        t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, t_first, c_first, cs, c_mask, HAS_T)
         v, offs, mask = _load_tile(x_ptr, t_row, cs, c_mask, 0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
         mean = tl.sum(tl.where(mask, v, 0.0)) / group_size
         d = tl.where(mask, v - mean, 0.0)
@@ -114,7 +115,7 @@ def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         for c0 in range(0, CPG, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             c_mask = cs < CPG
-            t_row = tl.load(t_ptr + nc_row + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else 0.0
+            t_row = tl.load(t_ptr + t_first + cs, mask=c_mask, other=0.0).to(tl.float32) if HAS_T else 0.0
             for hw0 in range(0, HW, BLOCK_HW):
                 v, offs, mask = _load_tile(x_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
                 tile_count = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(HW - hw0, BLOCK_HW)).to(tl.float32)
@@ -132,7 +133,7 @@ def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         for c0 in range(0, CPG, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             c_mask = cs < CPG
-            t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+            t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, t_first, c_first, cs, c_mask, HAS_T)
             for hw0 in range(0, HW, BLOCK_HW):
                 v, offs, mask = _load_tile(x_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw, HAS_T, BLOCK_HW)
                 _normalize_store(y_ptr, v, offs, mask, w, b, mean, rstd, ACTIVATION)
@@ -174,7 +175,7 @@ def _dx_store(dx_ptr, xhat, g, offs, mask, w, rstd, c1, c2):
 @triton.jit
 def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
                 dx_ptr, dt_ptr, dw_partial_ptr, db_partial_ptr,
-                G, CPG, HW,
+                G, CPG, HW, t_stride_n,
                 HAS_T: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                 ONE_TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
@@ -188,11 +189,12 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
     mean = tl.load(mean_ptr + pid)
     rstd = tl.load(rstd_ptr + pid)
     nc_row = n * G * CPG + c_first
+    t_first = n * t_stride_n + c_first
 
     if ONE_TILE:  # x and dy read once, xhat and g kept in registers for dx
         cs = tl.arange(0, BLOCK_C)
         c_mask = cs < CPG
-        t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+        t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, t_first, c_first, cs, c_mask, HAS_T)
         xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, t_row, cs, c_mask, 0, HW, stride_c, stride_hw,
                                         mean, rstd, w, b, HAS_T, ACTIVATION, BLOCK_HW)
         c1, c2 = _store_channel_sums(dw_partial_ptr, db_partial_ptr, nc_row, cs, c_mask, g, g * xhat, w)
@@ -206,7 +208,7 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
         for c0 in range(0, CPG, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             c_mask = cs < CPG
-            t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+            t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, t_first, c_first, cs, c_mask, HAS_T)
             acc_g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
             acc_gx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
             for hw0 in range(0, HW, BLOCK_HW):
@@ -223,7 +225,7 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
         for c0 in range(0, CPG, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             c_mask = cs < CPG
-            t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, nc_row, c_first, cs, c_mask, HAS_T)
+            t_row, w, b = _channel_params(t_ptr, w_ptr, b_ptr, t_first, c_first, cs, c_mask, HAS_T)
             acc_dx = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
             for hw0 in range(0, HW, BLOCK_HW):
                 xhat, g, offs, mask = _bwd_tile(x_ptr, dy_ptr, t_row, cs, c_mask, hw0, HW, stride_c, stride_hw,
@@ -258,6 +260,16 @@ def _launch_config(channels_per_group: int, hw: int, channels_last: bool, backwa
     return dict(ONE_TILE=False, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
 
 
+def _time_bias_stride(time_bias) -> int:
+    """Elements from one sample's time bias to the next: 0 where one [1, C] row serves the batch."""
+    return 0 if time_bias is None or time_bias.shape[0] == 1 else time_bias.shape[1]
+
+
+def _dt_dtype(time_bias, n: int) -> torch.dtype:
+    """The backward's per-sample dt: the time bias's dtype, or fp32 where the samples' are summed."""
+    return time_bias.dtype if time_bias.shape[0] == n else torch.float32
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout the kernels run x in: channels-last as it comes, anything else as NCHW."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -277,8 +289,9 @@ def _check(x, weight, bias, time_bias, num_groups):
         raise RuntimeError(f"{c} channels do not split into {num_groups} groups")
     if weight.shape != (c,) or bias.shape != (c,):
         raise RuntimeError("weight and bias must have one value per channel")
-    if time_bias is not None and time_bias.shape != (n, c):
-        raise RuntimeError(f"time bias must be [N, C] = {[n, c]}, got {list(time_bias.shape)}")
+    if time_bias is not None and time_bias.shape not in ((n, c), (1, c)):
+        raise RuntimeError(f"time bias must be [N, C] = {[n, c]} or [1, C] (one for the whole batch), "
+                           f"got {list(time_bias.shape)}")
 
 
 @torch.library.custom_op("ddpm_kernels::group_norm_silu", mutates_args=(), **FLEXIBLE_LAYOUT)
@@ -297,7 +310,7 @@ def _group_norm_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     # Without a time bias x stands in for t_ptr: HAS_T=False compiles every read of it away.
     _fwd_kernel[(n * num_groups,)](
         x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(),
-        y, mean, rstd, num_groups, c // num_groups, h * w, eps,
+        y, mean, rstd, num_groups, c // num_groups, h * w, _time_bias_stride(time_bias), eps,
         HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=channels_last,
         **_launch_config(c // num_groups, h * w, channels_last, backward=False))
     return y, mean, rstd
@@ -314,7 +327,8 @@ def _(x, weight, bias, time_bias, num_groups, eps, activation):
 def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          time_bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                          activation: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dx, dt ([N, C] in the time bias's dtype, or empty without one), and dweight and dbias
+    """Returns dx, dt ([N, C] in the time bias's dtype; per sample in fp32 for a [1, C] time bias, to
+    be summed; empty without one), and dweight and dbias
     stacked ([2, C], fp32: one reduction, and a custom op's outputs may not be views of one tensor)."""
     layout = _memory_format(x)
     channels_last = layout == torch.channels_last
@@ -325,10 +339,11 @@ def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     dx = torch.empty_like(x, memory_format=layout)
     # dgamma and dbeta per (sample, channel), summed over the batch below
     partials = torch.empty((2, n, c), device=x.device, dtype=torch.float32)
-    dt = torch.empty((n, c), device=x.device, dtype=time_bias.dtype) if has_t else partials.new_empty(0)
+    dt = torch.empty((n, c), device=x.device, dtype=_dt_dtype(time_bias, n)) if has_t else partials.new_empty(0)
     _bwd_kernel[(n * num_groups,)](
         x, time_bias.contiguous() if has_t else x, weight.contiguous(), bias.contiguous(), dy,
         mean, rstd, dx, dt, partials[0], partials[1], num_groups, c // num_groups, h * w,
+        _time_bias_stride(time_bias),
         HAS_T=has_t, ACTIVATION=activation, CHANNELS_LAST=channels_last,
         **_launch_config(c // num_groups, h * w, channels_last, backward=True))
     return dx, dt, partials.sum(1)
@@ -336,7 +351,9 @@ def _group_norm_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 
 @_group_norm_silu_bwd.register_fake
 def _(dy, x, weight, bias, time_bias, mean, rstd, activation):
-    dt = time_bias.new_empty(time_bias.shape) if time_bias is not None else x.new_empty(0, dtype=torch.float32)
+    n = x.shape[0]
+    dt = time_bias.new_empty((n, x.shape[1]), dtype=_dt_dtype(time_bias, n)) if time_bias is not None \
+        else x.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(x, memory_format=_memory_format(x)), dt,
             x.new_empty((2, x.shape[1]), dtype=torch.float32))
 
@@ -353,8 +370,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, time_bias, mean, rstd = ctx.saved_tensors
     dx, dt, dparams = _group_norm_silu_bwd(dy, x, weight, bias, time_bias, mean, rstd, ctx.activation)
-    return (dx, dparams[0].to(weight.dtype), dparams[1].to(bias.dtype), (dt if time_bias is not None else None),
-            None, None, None)
+    if time_bias is None:
+        dt = None
+    elif time_bias.shape[0] != dt.shape[0]:  # one time bias for the batch: its gradient sums the samples'
+        dt = dt.sum(0, keepdim=True).to(time_bias.dtype)
+    return dx, dparams[0].to(weight.dtype), dparams[1].to(bias.dtype), dt, None, None, None
 
 
 _group_norm_silu_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -363,5 +383,6 @@ _group_norm_silu_fwd.register_autograd(_backward, setup_context=_setup_context)
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
                     eps: float = 1e-5, time_bias: Optional[torch.Tensor] = None,
                     activation: bool = True) -> torch.Tensor:
-    """y = SiLU(GroupNorm(x + time_bias[:, :, None, None])) (no SiLU if not activation); y in x's dtype."""
+    """y = SiLU(GroupNorm(x + time_bias[:, :, None, None])) (no SiLU if not activation); y in x's dtype.
+    time_bias: [N, C], or [1, C] for one shared by the batch (a sampling step's)."""
     return _group_norm_silu_fwd(x, weight, bias, time_bias, num_groups, float(eps), activation)[0]

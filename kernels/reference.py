@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-5, time_bias=None, activation: bool = True):
-    """y = SiLU(GroupNorm(x + time_bias[:, :, None, None])), x: [N, C, H, W], time_bias: [N, C] or None."""
+    """y = SiLU(GroupNorm(x + time_bias[:, :, None, None])), x: [N, C, H, W], time_bias: [N, C], [1, C] (one for the batch) or None."""
     if time_bias is not None:
         x = x + time_bias[:, :, None, None]
     y = F.group_norm(x, num_groups, weight, bias, eps)

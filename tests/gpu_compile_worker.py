@@ -100,10 +100,13 @@ def record_launches(sms: int, major: int, dtype: torch.dtype) -> list:
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         net(x, t).float().sum().backward()
     # Sampling: inductor runs an inference graph's convolutions channels-last, and the GroupNorm
-    # op reads and writes that layout as it is.
+    # op reads and writes that layout as it is; the compiled step's time biases are one [1, C] row
+    # of a table for the whole batch (ddpm.sample.FastStep).
     Recorder.case = "seed UNet, channels-last sampling"
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t)
+        table = net.time_biases(torch.arange(999, -1, -1))
+        net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last),
+                                                  time_biases=[biases[:1] for biases in table])
     # Attention's tiles depend on the batch (enough programs to fill the SMs): the seed's training
     # batches; then wider models' heads and attention at 16x16.
     for case, batch, heads, seq in (("seed UNet", 64, 1, 64), ("seed UNet", 512, 1, 64),

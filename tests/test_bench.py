@@ -132,3 +132,28 @@ def test_the_loss_comparison_of_two_identical_paths_finds_no_difference(tmp_path
     assert len(eager["curve"]) == 4 and eager["curve"] == default["curve"]
     assert report["relative_final_loss_difference"] == 0.0
     assert "relative final-loss difference (default vs eager): +0.00%" in (tmp_path / "loss_comparison.md").read_text()
+
+
+def test_every_sampling_probe_row_is_a_valid_option_set():
+    """Its rows run only on a lent GPU: a misspelt override, inductor option or FastStep argument
+    would cost a row there."""
+    import inspect
+    from torch._inductor import config as inductor_config
+    from bench.probe_sampling_options import ROWS
+    from ddpm import config
+    from ddpm.sample import FastStep
+    step_arguments = inspect.signature(FastStep).parameters
+    for name, (overrides, options, step_options, _) in ROWS.items():
+        config.load("configs/mnist.yaml", overrides)
+        with inductor_config.patch(options):
+            pass
+        assert set(step_options) <= set(step_arguments), name
+
+
+def test_the_sampling_probe_writes_a_row_per_option_set(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.probe_sampling_options", "--out", str(tmp_path),
+                             "--rows", "eager-fp32,no time table"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = (tmp_path / "sampling-options.md").read_text().splitlines()[-2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| eager-fp32", "| no time table"]
+    assert not any("failed" in row for row in rows), rows

@@ -160,10 +160,12 @@ def test_the_cuda_default_stacks_compute_the_eager_fp32_step(images, stack):
     assert (grad - grad_ref).norm() < 0.02 * grad_ref.norm()
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_compiled_sampling_step_matches_the_eager_loop(sampler):
+@pytest.mark.parametrize("sampler,kernels", [("ddpm", "torch"), ("ddim", "torch"), ("ddim", "triton")])
+def test_compiled_sampling_step_matches_the_eager_loop(sampler, kernels):
+    """With the Triton GroupNorm too: the compiled step's [1, C] time biases go through it, as on CUDA."""
     from ddpm.sample import FastStep
-    cfg = config.load("configs/ci.yaml", [f"sample.sampler={sampler}", "diffusion.timesteps=20", "sample.steps=5"])
+    cfg = config.load("configs/ci.yaml", [f"sample.sampler={sampler}", "diffusion.timesteps=20", "sample.steps=5",
+                                          f"model.kernels={kernels}"])
     torch.manual_seed(0)
     net = model.build(cfg).eval()
     d = Diffusion.from_config(cfg.diffusion)
@@ -172,6 +174,24 @@ def test_compiled_sampling_step_matches_the_eager_loop(sampler):
     fast = FastStep(net, plan, True, "cpu", precision="fp32", compile="default", cuda_graph="auto")
     out, _ = d.sample(net, (2, 1, 32, 32), plan, True, torch.Generator().manual_seed(1), step=fast)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compile,computes_time_biases", [("default", False), ("none", True)])
+def test_only_the_eager_sampling_step_computes_time_biases(compile, computes_time_biases):
+    """The compiled step reads its time biases from the table FastStep computes once; the eager
+    baseline runs the time MLP at every step, as the seed did."""
+    from ddpm.sample import FastStep
+    cfg = config.load("configs/ci.yaml", ["sample.sampler=ddim", "diffusion.timesteps=20", "sample.steps=3"])
+    net = model.build(cfg).eval()
+    plan = Diffusion.from_config(cfg.diffusion).plan(cfg.sample)
+    step = FastStep(net, plan, True, "cpu", precision="fp32", compile=compile, cuda_graph="auto")
+    calls = []
+    net.time_biases = lambda t: calls.append(t) or model.UNet.time_biases(net, t)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        step(1, x, torch.randn_like(x))
+        step(2, x, torch.randn_like(x))
+    assert bool(calls) == computes_time_biases
 
 
 def test_compiled_sampling_step_freezes_its_weights_and_a_new_step_sees_changed_ones():

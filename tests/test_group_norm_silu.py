@@ -37,7 +37,7 @@ def _dtypes(device):
     return dtypes
 
 
-def _inputs(shape, has_t, device, dtype, param_dtype=None, offset=0.0, seed=0):
+def _inputs(shape, has_t, device, dtype, param_dtype=None, offset=0.0, seed=0, t_rows=None):
     gen = torch.Generator().manual_seed(seed)
     n, c = shape[:2]
     param_dtype = param_dtype or dtype
@@ -48,7 +48,7 @@ def _inputs(shape, has_t, device, dtype, param_dtype=None, offset=0.0, seed=0):
     x = make(shape, dtype, shift=offset)
     weight = make((c,), param_dtype, scale=0.5, shift=1.0)
     bias = make((c,), param_dtype, scale=0.5)
-    t = make((n, c), dtype) if has_t else None
+    t = make((t_rows or n, c), dtype) if has_t else None
     dy = torch.randn(shape, generator=gen).to(device, dtype)
     return x, weight, bias, t, dy
 
@@ -70,15 +70,19 @@ def _assert_close(got, want, tol, names):
         err = (g.double() - w).abs().max().item()
         scale = w.abs().max().item()
         if name == "dt":
-            # dt sums dx over H*W and is exactly 0 for one channel per group: measure its error
-            # against the summed magnitudes, as any sum's rounding goes.
-            scale = max(scale, want[1].abs().sum((2, 3)).max().item())
+            # dt sums dx over H*W (and over the batch, for a shared time bias) and is exactly 0 for one
+            # channel per group: measure its error against the summed magnitudes, as any sum's
+            # rounding goes.
+            summed = want[1].abs().sum((2, 3))
+            if g.shape[0] == 1 < summed.shape[0]:
+                summed = summed.sum(0, keepdim=True)
+            scale = max(scale, summed.max().item())
         assert err <= tol * max(scale, 1e-3), f"{name}: max error {err:.3g} vs magnitude {scale:.3g}"
 
 
 def _check(shape, groups, has_t, activation, device, dtype, param_dtype=None, offset=0.0, tol=None,
-           memory_format=torch.contiguous_format, dy_format=None):
-    x, weight, bias, t, dy = _inputs(shape, has_t, device, dtype, param_dtype, offset)
+           memory_format=torch.contiguous_format, dy_format=None, t_rows=None):
+    x, weight, bias, t, dy = _inputs(shape, has_t, device, dtype, param_dtype, offset, t_rows=t_rows)
     x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
     dy = dy.contiguous(memory_format=dy_format or memory_format)
     got = _run(group_norm_silu, x, weight, bias, t, dy, groups, activation)
@@ -112,6 +116,15 @@ def test_a_gradient_in_the_other_layout(device):
     _check((2, 16, 4, 4), 8, True, True, device, torch.float32, memory_format=torch.channels_last,
            dy_format=torch.contiguous_format)
     _check((2, 16, 4, 4), 8, True, True, device, torch.float32, dy_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels-last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,groups", [((3, 16, 8, 8), 8), ((3, 48, 30, 30), 2)], ids=["one tile", "tiles"])
+def test_one_time_bias_for_the_whole_batch(shape, groups, dtype, memory_format, device):
+    """A [1, C] time bias (a sampling step's: every image at the same t) is read by every sample
+    without being expanded, and its gradient sums the samples'."""
+    _check(shape, groups, True, True, device, dtype, memory_format=memory_format, t_rows=1)
 
 
 @pytest.mark.parametrize("has_t", [True, False])
@@ -170,7 +183,11 @@ def test_opcheck(device):
     op = torch.ops.ddpm_kernels.group_norm_silu.default
     torch.library.opcheck(op, (x, weight, bias, t, 2, 1e-5, True))
     torch.library.opcheck(op, (x, weight, bias, None, 2, 1e-5, False))
+    torch.library.opcheck(op, (x, weight, bias, t[:1].detach().requires_grad_(), 2, 1e-5, True))  # one for the batch
     y, mean, rstd = op(x, weight, bias, t, 2, 1e-5, True)
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.ddpm_kernels.group_norm_silu_backward.default,
+                              (dy, x, weight, bias, t[:1], mean, rstd, True))
     with torch.no_grad():
         torch.library.opcheck(torch.ops.ddpm_kernels.group_norm_silu_backward.default,
                               (dy, x, weight, bias, t, mean, rstd, True))

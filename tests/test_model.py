@@ -127,6 +127,24 @@ def test_forward_is_the_seeds_unet():
         torch.testing.assert_close(net(x, t), seed_unet_forward(net, x, t), rtol=1e-5, atol=1e-5)
 
 
+def test_a_row_of_time_biases_stands_for_its_timestep():
+    """What a sampler's table gives the UNet (UNet.time_biases of all its timesteps, one [1, C] row
+    per block for the whole batch) is what t gives it."""
+    torch.manual_seed(0)
+    net = model.build(config.load("configs/ci.yaml")).double()
+    x, steps = torch.randn(3, 1, 32, 32, dtype=torch.float64), torch.tensor([999, 731, 5, 0])
+    with torch.no_grad():
+        table = net.time_biases(steps)
+        for row, t in enumerate(steps):
+            expected = net(x, t.expand(3))
+            torch.testing.assert_close(net(x, time_biases=[b[row:row + 1] for b in table]), expected)
+            assert not torch.allclose(net(x, time_biases=[b[row - 1:row] if row else b[1:2] for b in table]), expected)
+        with pytest.raises(ValueError, match="got 5 time biases for 6 ResBlocks"):
+            net(x, time_biases=table[:5])
+        with pytest.raises(TypeError, match="needs t or time_biases"):
+            net(x)
+
+
 def test_flop_count_is_the_seeds():
     """FACTS.md: 0.892 GFLOP forward and 2.68 GFLOP forward+backward per image (the benchmarks' FLOP/s use this)."""
     from bench.common import flops_per_image

@@ -1,0 +1,121 @@
+"""What inductor's options and the step's own choices buy the CUDA-graph sampling step: each row
+compiles the default sampling step (1000-step DDPM, 64 images, seed UNet) afresh with one set of
+options and times its replays. For the 10x aim (bench/README.md, "Sampling: where the 10x aim
+stands"); an option that wins here becomes the default, and the suite then measures it.
+
+  python -m bench.probe_sampling_options --out DIR [--rows NAME,NAME,...]
+
+Rows, in one process, in ROWS' order (the eager fp32 loop first, for the ratio; max-autotune last:
+its compile takes minutes): ms per step by the wall clock over 3 rounds of 300 replays (the eager
+row: 20 steps) after the capture, each round ending in a device sync (median). Each row prints as it is measured and is
+appended to DIR/sampling-options.md, so a time limit leaves what was measured. On a CPU it runs
+the quick config, without graphs, to test itself."""
+import argparse
+import contextlib
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch._inductor import config as inductor_config
+
+from bench import variants
+from bench.common import load_config, sync
+import ddpm.sample
+from ddpm import model
+from ddpm.diffusion import Diffusion
+from ddpm.runtime import compile_model
+from ddpm.sample import FastStep
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+QUICK = DEVICE.type == "cpu"
+DEFAULT = ["sample.compile=default"] if QUICK else []  # on a CPU `auto` would not compile
+
+# name: (config overrides, inductor options, FastStep's keyword arguments, freezing)
+ROWS = {
+    "eager-fp32": (variants.SAMPLE["eager-fp32"], {}, {}, False),
+    "default": (DEFAULT, {}, {}, True),
+    "no time table": (DEFAULT, {}, {"time_table": False}, True),
+    "no freezing": (DEFAULT, {}, {}, False),
+    # 1x1 convolutions (skips, qkv, proj, out: 9 a step) as matmuls, whose bias and residual adds
+    # inductor can fuse
+    "conv_1x1_as_mm": (DEFAULT, {"conv_1x1_as_mm": True}, {}, True),
+    # channels-last for every convolution, or for none (inductor's heuristic decides by default)
+    "force_layout_optimization": (DEFAULT, {"force_layout_optimization": True}, {}, True),
+    "no layout_optimization": (DEFAULT, {"layout_optimization": False}, {}, True),
+    # several small independent kernels launched as one
+    "combo_kernels": (DEFAULT, {"combo_kernels": True}, {}, True),
+    # launch configs of the fused elementwise kernels tuned by benchmarking
+    "coordinate_descent_tuning": (DEFAULT, {"coordinate_descent_tuning": True}, {}, True),
+    "default again": (DEFAULT, {}, {}, True),  # drift: the default row, repeated
+    "max-autotune": ([*DEFAULT, "sample.compile=max-autotune"], {}, {}, True),
+}
+
+
+def per_step_ms(fn, steps: int, rounds: int = 3) -> float:
+    """The median over rounds of a round's time per step; a round ends in a device sync."""
+    times = []
+    for _ in range(rounds):
+        sync(DEVICE)
+        started = time.perf_counter()
+        for i in range(steps):
+            fn(i)
+        sync(DEVICE)
+        times.append((time.perf_counter() - started) * 1e3 / steps)
+    return sorted(times)[len(times) // 2]
+
+
+def sampling_row(name: str) -> str:
+    overrides, options, step_options, freezing = ROWS[name]
+    torch._dynamo.reset()  # each row compiles afresh; the last row's graphs and constants go
+    cfg = load_config(QUICK, overrides, DEVICE)
+    torch.manual_seed(0)
+    net = model.build(cfg, DEVICE).eval()
+    plan = Diffusion.from_config(cfg.diffusion, DEVICE).plan(cfg.sample)
+    s = cfg.sample
+    shape = (8 if QUICK else 64, 1, cfg.data.image_size, cfg.data.image_size)
+    x, noise = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    started = time.perf_counter()
+    # the rows without freezing: plain compile_model for ddpm.sample.compile_with_frozen_weights
+    unfrozen = mock.patch.object(ddpm.sample, "compile_with_frozen_weights", compile_model)
+    with contextlib.nullcontext() if freezing else unfrozen, torch.inference_mode():
+        step = FastStep(net, plan, s.clip_x0, DEVICE, s.precision, s.compile, s.cuda_graph, **step_options)
+        with inductor_config.patch(options):  # the step compiles (and captures its graph) at its first call
+            step(0, x, noise)
+        sync(DEVICE)
+        setup = time.perf_counter() - started
+        eager = s.compile == "none"
+        ms = per_step_ms(lambda i: step(i % len(plan.timesteps), x, noise), (20 if eager else 300) // (10 if QUICK else 1))
+    return f"| {name} | {', '.join(overrides) or '-'} | {options or '-'} | {step_options or '-'} | {freezing} | {ms:.4f} | {setup:.1f} |"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = args.out / "sampling-options.md"
+    card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (quick config, no CUDA graph)"
+    table.write_text(f"# The sampling step's options on {card} (torch {torch.__version__})\n\n"
+                     f"1000-step DDPM step, {8 if QUICK else 64} images; ms per step: median of 3 rounds; "
+                     f"setup: compile and capture.\n\n"
+                     "| row | overrides | inductor options | FastStep | freezing | ms per step | setup s |\n"
+                     "|---|---|---|---|---|---|---|\n")
+    for name in rows:
+        try:
+            line = sampling_row(name)
+        except Exception as e:  # one failing option set must not hide the others
+            line = f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} | | | | | |"
+        print(line, flush=True)
+        with table.open("a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
