@@ -38,6 +38,8 @@ ROWS = {
     "default": (DEFAULT, {}, {}, True),
     "no time table": (DEFAULT, {}, {"time_table": False}, True),
     "no freezing": (DEFAULT, {}, {}, False),
+    # one-element weights inlined as constants, each rebuilt by a kernel every step (the default keeps them)
+    "inlined constants": (DEFAULT, {"always_keep_tensor_constants": False}, {}, True),
     # 1x1 convolutions (skips, qkv, proj, out: 9 a step) as matmuls, whose bias and residual adds
     # inductor can fuse
     "conv_1x1_as_mm": (DEFAULT, {"conv_1x1_as_mm": True}, {}, True),
@@ -81,7 +83,9 @@ def sampling_row(name: str) -> str:
     unfrozen = mock.patch.object(ddpm.sample, "compile_with_frozen_weights", compile_model)
     with contextlib.nullcontext() if freezing else unfrozen, torch.inference_mode():
         step = FastStep(net, plan, s.clip_x0, DEVICE, s.precision, s.compile, s.cuda_graph, **step_options)
-        with inductor_config.patch(options):  # the step compiles (and captures its graph) at its first call
+        # the step compiles (and captures its graph) at its first call, under FROZEN_STEP_OPTIONS
+        # where it freezes
+        with inductor_config.patch(options), mock.patch.dict(ddpm.sample.FROZEN_STEP_OPTIONS, options):
             step(0, x, noise)
         sync(DEVICE)
         setup = time.perf_counter() - started

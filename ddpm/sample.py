@@ -35,6 +35,9 @@ def step_compile_mode(compile: str, use_graph: bool) -> str:
     return "max-autotune-no-cudagraphs" if use_graph and compile == "max-autotune" else compile
 
 
+FROZEN_STEP_OPTIONS = {"freezing": True, "always_keep_tensor_constants": True}
+
+
 def compile_with_frozen_weights(fn, mode: str, device):
     """compile_model(fn), traced and compiled under inductor's freezing: in a compile without grad,
     the weights fn reads become constants of its graph, so their casts to the autocast dtype happen
@@ -49,7 +52,10 @@ def compile_with_frozen_weights(fn, mode: str, device):
       (some weights frozen, some read live): build a new one.
     - Each compile's constants stay in inductor's module cache for the life of the process (tens
       of MB for the seed UNet), and on a CPU (weights prepacked for oneDNN) inductor's disk cache
-      is bypassed, so each FastStep compiles from scratch there."""
+      is bypassed, so each FastStep compiles from scratch there.
+    - Frozen weights stay tensors (FROZEN_STEP_OPTIONS): inlined, a one-element weight (the
+      1-channel GroupNorm's, the output convolution's bias) is rebuilt by a kernel of its own at
+      every step."""
     fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     compiled = compile_model(fn, mode, device)
     if compiled is fn:
@@ -57,7 +63,7 @@ def compile_with_frozen_weights(fn, mode: str, device):
     from torch._inductor import config as inductor_config  # here: eager sampling never loads inductor
 
     def run(*args):
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(FROZEN_STEP_OPTIONS):
             return compiled(*args)
     return run
 
@@ -84,10 +90,12 @@ class FastStep:
                 return net(x, plan.timesteps[i].expand(x.shape[0]))
         else:
             with torch.no_grad(), autocast():  # the dtype the step's own linears would give
-                table = net.time_biases(plan.timesteps)  # [steps, C] per block; row i is step i's
+                biases = net.time_biases(plan.timesteps)  # [steps, C] per block; row i is step i's
+            # one table, so that a step gathers its row in one kernel; the blocks' parts are views
+            table, widths = torch.cat(biases, dim=1), [b.shape[1] for b in biases]
 
             def predict(i, x):
-                return net(x, time_biases=[biases[i] for biases in table])
+                return net(x, time_biases=table[i].split(widths, dim=1))
 
         def body(i, x, noise):
             with autocast():
