@@ -59,7 +59,8 @@ def main():
         if args.json and Path(args.json).is_dir():
             raise UserError(f"--json {args.json} is a directory; pass a file name, e.g. {Path(args.json) / 'scores.json'}")
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
-        cfg = cli.with_sample_overrides(cfg, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph)
+        cfg = cli.with_sample_overrides(cfg, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
+                                        streams=args.streams)
         check_sampling(cfg, args.n, args.sampler, args.steps, args.batch_size)
         cuda_graph = uses_cuda_graph(cfg.sample.cuda_graph, device)
         scorer = Scorer(cfg.data, device, args.n, inception=args.inception, progress=not args.no_progress)
@@ -81,7 +82,7 @@ def main():
         if args.json:
             record = {"checkpoint": str(args.ckpt), "step": step, "sampler": args.sampler, "steps": steps,
                       "precision": precision, "compile": compiled,
-                      "cuda_graph": cuda_graph,
+                      "cuda_graph": cuda_graph, "streams": cfg.sample.streams,
                       "device": str(device), "seed": args.seed, "weights": "raw" if args.raw_weights else "ema",
                       "features": scorer.feature_extractor, "real": scorer.description, "scores": scores}
             try:

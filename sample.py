@@ -31,7 +31,8 @@ def main():
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
         cfg = cli.with_sample_overrides(cfg, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                         variance=args.variance, clip_x0=False if args.no_clip else None,
-                                        precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph)
+                                        precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
+                                        streams=args.streams)
         with torch.inference_mode():
             paths = write_samples(net, cfg, args.out, device, args.n, args.seed)
         print(f"{cfg.sample.sampler} samples from step {step}: " + ", ".join(str(p) for p in paths.values()))

@@ -36,6 +36,9 @@ DEFAULT = ["sample.compile=default"] if QUICK else []  # on a CPU `auto` would n
 ROWS = {
     "eager-fp32": (variants.SAMPLE["eager-fp32"], {}, {}, False),
     "default": (DEFAULT, {}, {}, True),
+    # the batch as parallel branches of the graph (32 or 16 images each)
+    "2 streams": ([*DEFAULT, "sample.streams=2"], {}, {}, True),
+    "4 streams": ([*DEFAULT, "sample.streams=4"], {}, {}, True),
     "no time table": (DEFAULT, {}, {"time_table": False}, True),
     "no freezing": (DEFAULT, {}, {}, False),
     # one-element weights inlined as constants, each rebuilt by a kernel every step (the default keeps them)
@@ -82,7 +85,7 @@ def sampling_row(name: str) -> str:
     # the rows without freezing: plain compile_model for ddpm.sample.compile_with_frozen_weights
     unfrozen = mock.patch.object(ddpm.sample, "compile_with_frozen_weights", compile_model)
     with contextlib.nullcontext() if freezing else unfrozen, torch.inference_mode():
-        step = FastStep(net, plan, s.clip_x0, DEVICE, s.precision, s.compile, s.cuda_graph, **step_options)
+        step = FastStep.from_config(net, plan, s, DEVICE, **step_options)
         # the step compiles (and captures its graph) at its first call, under FROZEN_STEP_OPTIONS
         # where it freezes
         with inductor_config.patch(options), mock.patch.dict(ddpm.sample.FROZEN_STEP_OPTIONS, options):

@@ -58,7 +58,7 @@ def main():
     net = trainer.ema.module.eval()
     plan = trainer.diffusion.plan(cfg.sample)
     s = cfg.sample
-    step = FastStep(net, plan, s.clip_x0, device, s.precision, s.compile, s.cuda_graph)
+    step = FastStep.from_config(net, plan, s, device)
     x = torch.randn(cfg.sample.num_images, 1, cfg.data.image_size, cfg.data.image_size, device=device)
 
     @torch.inference_mode()

@@ -26,7 +26,7 @@ def test_sampling(benchmark, record, device, quick, variant, sampler):
     plan = diffusion.plan(cfg.sample)
     s = cfg.sample
     try:
-        step = FastStep(net, plan, s.clip_x0, device, s.precision, s.compile, s.cuda_graph)
+        step = FastStep.from_config(net, plan, s, device)
     except UserError as e:
         pytest.skip(str(e))
     shape = (images, 1, cfg.data.image_size, cfg.data.image_size)

@@ -25,13 +25,16 @@ def positive(text: str) -> int:
 
 
 def add_sampling_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """--precision, --compile, --cuda-graph: how the denoising step runs (default: the checkpoint config's)."""
+    """--precision, --compile, --cuda-graph, --streams: how the denoising step runs (default: the checkpoint config's)."""
     parser.add_argument("--precision", choices=CHOICES["sample.precision"],
                         help="sampling precision (default: the config's; auto = bf16/fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--compile", choices=CHOICES["sample.compile"],
                         help="compile the denoising step (default: the config's; auto = on CUDA)")
     parser.add_argument("--cuda-graph", choices=CHOICES["sample.cuda_graph"],
                         help="replay the step as a CUDA graph (default: the config's; auto = on CUDA)")
+    parser.add_argument("--streams", type=positive,
+                        help="split the batch into this many parts, replayed in parallel on CUDA streams of "
+                             "their own (default: the config's, 1)")
 
 
 def with_sample_overrides(cfg, **values):

@@ -82,6 +82,7 @@ class SampleConfig:
     precision: str = "auto"    # as train.precision
     compile: str = "auto"      # torch.compile of the whole denoising step (UNet + update): auto | none | default | max-autotune
     cuda_graph: str = "auto"   # capture the step once, replay it every step: auto (= enabled on CUDA) | enabled | disabled
+    streams: int = 1           # the batch in this many parts, replayed as parallel branches of the graph
     num_images: int = 64
 
 
@@ -248,6 +249,7 @@ def validate(cfg: Config) -> None:
     require(1 <= s.steps <= d.timesteps, f"sample.steps must lie in [1, diffusion.timesteps={d.timesteps}], got {s.steps}")
     require(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
     require(s.num_images >= 1, f"sample.num_images must be >= 1, got {s.num_images}")
+    require(s.streams >= 1, f"sample.streams must be >= 1 (1: one stream), got {s.streams}")
 
 
 def save(cfg: Config, path: Path) -> None:

@@ -359,7 +359,7 @@ def _sample_stream(net, cfg, device, num_samples, sampler, steps, batch_size, se
         for start in range(0, num_samples, batch_size):
             b = min(batch_size, num_samples - start)
             if b not in fast_steps:
-                fast_steps[b] = FastStep(net, plan, s.clip_x0, device, s.precision, s.compile, s.cuda_graph)
+                fast_steps[b] = FastStep.from_config(net, plan, s, device)
 
             def step(i, x, noise, fast=fast_steps[b]):  # the bar moves once per denoising step
                 bar.update(1)

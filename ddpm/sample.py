@@ -76,10 +76,14 @@ class FastStep:
     timesteps (UNet.time_biases: the time MLP and every block's projection leave the step), and
     freezes the weights it was compiled with (compile_with_frozen_weights): build a new FastStep
     after changing them (time_table=False: the time MLP at every step, to measure what the table
-    buys). Uncompiled, it is the eager loop's step, the baseline."""
+    buys). Uncompiled, it is the eager loop's step, the baseline.
+    streams > 1 splits the batch into that many parts (at most one image each), whose steps the
+    graph holds as parallel branches on streams of their own: at a small batch the GPU can overlap
+    one part's small kernels, and their ramps and tails, with the other's. Without a graph the
+    parts run one after another (the same computation, for the tests)."""
 
     def __init__(self, net, plan: SamplerPlan, clip_x0: bool, device, precision="auto", compile="auto",
-                 cuda_graph="auto", time_table: bool = True):
+                 cuda_graph="auto", time_table: bool = True, streams: int = 1):
         device = torch.device(device)
         dtype = precision_dtype(precision, device)
         autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
@@ -103,25 +107,47 @@ class FastStep:
             return Diffusion.step(plan, i, x, eps, noise, clip_x0)
 
         self.body = compile_with_frozen_weights(body, mode, device)
+        self.streams = streams
         # [S, 1]: indexing with a 1-element tensor is a device gather; a 0-d index would call .item()
         self.indices = torch.arange(len(plan.timesteps), device=device).unsqueeze(1)
         self.graph = None
 
+    @classmethod
+    def from_config(cls, net, plan: SamplerPlan, sample_cfg, device, **options):
+        """The step that a config's `sample` section describes."""
+        s = sample_cfg
+        return cls(net, plan, s.clip_x0, device, s.precision, s.compile, s.cuda_graph, streams=s.streams, **options)
+
+    def _parts(self, x, noise):
+        """(x, noise) of each part of the batch: views, split along the batch."""
+        parts = min(self.streams, len(x))
+        return list(zip(x.tensor_split(parts), noise.tensor_split(parts)))
+
     def _capture(self, x, noise):
         self.static_i, self.static_x, self.static_noise = self.indices[0].clone(), x.clone(), noise.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (and compilation) off the capture
-            for _ in range(3):
-                self.body(self.static_i, self.static_x.clone(), self.static_noise)
-        torch.cuda.current_stream().wait_stream(side)
+        parts = self._parts(self.static_x, self.static_noise)
+        streams = [torch.cuda.Stream() for _ in parts]
+        for stream, (x_part, noise_part) in zip(streams, parts):  # warm-up (and compilation) off the capture
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self.body(self.static_i, x_part.clone(), noise_part)
+            torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.static_x.copy_(self.body(self.static_i, self.static_x, self.static_noise))
+            capture = torch.cuda.current_stream()
+            for stream, (x_part, noise_part) in zip(streams, parts):  # forked from the capture, joined back
+                stream.wait_stream(capture)
+                with torch.cuda.stream(stream):
+                    x_part.copy_(self.body(self.static_i, x_part, noise_part))
+            for stream in streams:
+                capture.wait_stream(stream)
 
     def __call__(self, i: int, x, noise):
         if not self.use_graph:
-            return self.body(self.indices[i], x, noise)
+            if self.streams == 1:
+                return self.body(self.indices[i], x, noise)
+            return torch.cat([self.body(self.indices[i], x_part, noise_part) for x_part, noise_part in self._parts(x, noise)])
         if self.graph is None:
             self._capture(x, noise)
         self.static_i.copy_(self.indices[i])
@@ -169,7 +195,7 @@ def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, g
     generator = torch.Generator(device).manual_seed(seed)
     keep_every = max(1, len(plan.timesteps) // gif_frames)
     s = cfg.sample
-    step = FastStep(net, plan, s.clip_x0, device, s.precision, s.compile, s.cuda_graph)
+    step = FastStep.from_config(net, plan, s, device)
     x, frames = diffusion.sample(net, (num_images, 1, cfg.data.image_size, cfg.data.image_size), plan,
                                  s.clip_x0, generator, keep_every, step)
     paths = {"grid": out_dir / "samples.png", "gif": out_dir / "denoising.gif", "forward": out_dir / "forward.png"}

@@ -25,7 +25,7 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "tr
                      "train.eval_every", "train.device", "train.out_dir", "train.precision", "train.compile",
                      "model.kernels", "model.attention", "data.loader", "sample.sampler", "sample.steps",
                      "sample.eta", "sample.variance", "sample.clip_x0", "sample.num_images", "sample.precision",
-                     "sample.compile", "sample.cuda_graph"}
+                     "sample.compile", "sample.cuda_graph", "sample.streams"}
 CHECKPOINT_NAME = "checkpoint.pt"
 
 

@@ -186,7 +186,7 @@ def test_evaluate_cli_options_reach_the_sampler(ckpt, monkeypatch):
 
     def evaluate(net, cfg, device, n, sampler, steps, batch_size, seed, **kwargs):
         s = cfg.sample
-        seen.append((s.precision, s.compile, s.cuda_graph, n, sampler, steps, batch_size, seed))
+        seen.append((s.precision, s.compile, s.cuda_graph, s.streams, n, sampler, steps, batch_size, seed))
         raise Stop
 
     real_load_model = main.__globals__["load_model"]
@@ -194,9 +194,9 @@ def test_evaluate_cli_options_reach_the_sampler(ckpt, monkeypatch):
     monkeypatch.setitem(main.__globals__, "Scorer", lambda *args, **kwargs: None)
     monkeypatch.setitem(main.__globals__, "evaluate", evaluate)
     for args in ([], ["--raw-weights", "--n", "30", "--sampler", "ddpm", "--steps", "7", "--batch-size", "9",
-                      "--seed", "3", "--precision", "fp16", "--compile", "default", "--cuda-graph", "disabled"]):
+                      "--seed", "3", "--precision", "fp16", "--compile", "default", "--cuda-graph", "disabled", "--streams", "2"]):
         monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", str(ckpt), "--device", "cpu", *args])
         with pytest.raises(Stop):
             main()
-    assert seen == [True, ("auto", "auto", "auto", 10_000, "ddim", 50, 500, 0),
-                    False, ("fp16", "default", "disabled", 30, "ddpm", 7, 9, 3)]
+    assert seen == [True, ("auto", "auto", "auto", 1, 10_000, "ddim", 50, 500, 0),
+                    False, ("fp16", "default", "disabled", 2, 30, "ddpm", 7, 9, 3)]

@@ -176,6 +176,25 @@ def test_compiled_sampling_step_matches_the_eager_loop(sampler, kernels):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("compile", ["default", "none"])
+def test_a_sampling_step_in_parts_computes_what_the_whole_batch_does(compile):
+    """sample.streams splits the batch (on CUDA, into parallel branches of the graph; here one part
+    after another): every image gets the step it gets in the whole batch, unequal parts and more
+    parts than images included."""
+    from ddpm.sample import FastStep
+    cfg = config.load("configs/ci.yaml", ["sample.sampler=ddim", "diffusion.timesteps=20", "sample.steps=3"])
+    torch.manual_seed(0)
+    net = model.build(cfg).eval()
+    plan = Diffusion.from_config(cfg.diffusion).plan(cfg.sample)
+    x, noise = torch.randn(5, 1, 32, 32), torch.randn(5, 1, 32, 32)
+    with torch.no_grad():
+        whole = FastStep(net, plan, True, "cpu", precision="fp32", compile=compile, cuda_graph="auto")(1, x, noise)
+        for streams in (2, 7):
+            step = FastStep(net, plan, True, "cpu", precision="fp32", compile=compile, cuda_graph="auto", streams=streams)
+            torch.testing.assert_close(step(1, x, noise), whole, rtol=1e-5, atol=1e-6)
+            assert step._parts(x, noise)[0][0].shape[0] == (3 if streams == 2 else 1)
+
+
 @pytest.mark.parametrize("compile,computes_time_biases", [("default", False), ("none", True)])
 def test_only_the_eager_sampling_step_computes_time_biases(compile, computes_time_biases):
     """The compiled step reads its time biases from the table FastStep computes once; the eager
@@ -320,8 +339,9 @@ def test_cuda_graphed_training_takes_the_eager_steps():
 
 
 @on_cuda
-@pytest.mark.parametrize("sampler,compile", [("ddpm", "none"), ("ddim", "default")])
-def test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs(sampler, compile):
+@pytest.mark.parametrize("sampler,compile,streams", [("ddpm", "none", 1), ("ddim", "default", 1), ("ddim", "default", 3)])
+def test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs(sampler, compile, streams):
+    """streams=3: the batch of 4 as parts of 2, 1 and 1 images, parallel branches of the graph."""
     device = torch.device("cuda")
     cfg = config.load("configs/ci.yaml", [f"sample.sampler={sampler}", "diffusion.timesteps=20", "sample.steps=5"])
     torch.manual_seed(0)
@@ -331,7 +351,7 @@ def test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs(sampler, 
     shape = (4, 1, 32, 32)
     expected, _ = d.sample(net, shape, plan, True, torch.Generator(device).manual_seed(1))
     from ddpm.sample import FastStep
-    step = FastStep(net, plan, True, device, precision="fp32", compile=compile, cuda_graph="enabled")
+    step = FastStep(net, plan, True, device, precision="fp32", compile=compile, cuda_graph="enabled", streams=streams)
     d.sample(net, shape, plan, True, torch.Generator(device).manual_seed(2), step=step)  # compiles, captures
     with no_host_sync():
         out, _ = d.sample(net, shape, plan, True, torch.Generator(device).manual_seed(1), step=step)

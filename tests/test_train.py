@@ -313,11 +313,11 @@ def test_sample_cli_options_reach_the_sampler(tmp_path, monkeypatch):
     assert (s.sampler, s.eta, s.variance, s.clip_x0, n, seed) == ("ddpm", 0.0, "beta", True, 64, 0)
     assert all(torch.equal(v, state["ema"][k]) for k, v in net.state_dict().items())
     net, cfg, n, seed = run("--n", "3", "--sampler", "ddim", "--steps", "7", "--eta", "0.5", "--variance", "posterior",
-                            "--no-clip", "--precision", "fp16", "--compile", "default", "--cuda-graph", "disabled",
+                            "--no-clip", "--precision", "fp16", "--compile", "default", "--cuda-graph", "disabled", "--streams", "3",
                             "--raw-weights", "--seed", "5", "--device", "cpu")
     s = cfg.sample
-    assert (s.sampler, s.steps, s.eta, s.variance, s.clip_x0, s.precision, s.compile, s.cuda_graph) == \
-        ("ddim", 7, 0.5, "posterior", False, "fp16", "default", "disabled")
+    assert (s.sampler, s.steps, s.eta, s.variance, s.clip_x0, s.precision, s.compile, s.cuda_graph, s.streams) == \
+        ("ddim", 7, 0.5, "posterior", False, "fp16", "default", "disabled", 3)
     assert (n, seed) == (3, 5)
     assert all(torch.equal(v, state["model"][k]) for k, v in net.state_dict().items())
     assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])  # the two differ
