@@ -33,8 +33,8 @@ def add_sampling_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", choices=CHOICES["sample.cuda_graph"],
                         help="replay the step as a CUDA graph (default: the config's; auto = on CUDA)")
     parser.add_argument("--streams", type=positive,
-                        help="split the batch into this many parts, replayed in parallel on CUDA streams of "
-                             "their own (default: the config's, 1)")
+                        help="split the batch into this many parts (1-16), replayed as parallel branches of the "
+                             "CUDA graph; without a graph one after another (default: the config's, 1)")
 
 
 def with_sample_overrides(cfg, **values):

@@ -249,7 +249,7 @@ def validate(cfg: Config) -> None:
     require(1 <= s.steps <= d.timesteps, f"sample.steps must lie in [1, diffusion.timesteps={d.timesteps}], got {s.steps}")
     require(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
     require(s.num_images >= 1, f"sample.num_images must be >= 1, got {s.num_images}")
-    require(s.streams >= 1, f"sample.streams must be >= 1 (1: one stream), got {s.streams}")
+    require(1 <= s.streams <= 16, f"sample.streams must lie in [1, 16] (1: one stream), got {s.streams}")
 
 
 def save(cfg: Config, path: Path) -> None:

@@ -53,9 +53,9 @@ def compile_with_frozen_weights(fn, mode: str, device):
     - Each compile's constants stay in inductor's module cache for the life of the process (tens
       of MB for the seed UNet), and on a CPU (weights prepacked for oneDNN) inductor's disk cache
       is bypassed, so each FastStep compiles from scratch there.
-    - Frozen weights stay tensors (FROZEN_STEP_OPTIONS): inlined, a one-element weight (the
-      1-channel GroupNorm's, the output convolution's bias) is rebuilt by a kernel of its own at
-      every step."""
+    - Frozen weights stay tensors (FROZEN_STEP_OPTIONS): inlined as constants, the tiny ones (the
+      1-channel GroupNorm's weight and bias, the output convolution's bias) are rebuilt by kernels
+      at every step."""
     fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     compiled = compile_model(fn, mode, device)
     if compiled is fn:
@@ -77,7 +77,7 @@ class FastStep:
     freezes the weights it was compiled with (compile_with_frozen_weights): build a new FastStep
     after changing them (time_table=False: the time MLP at every step, to measure what the table
     buys). Uncompiled, it is the eager loop's step, the baseline.
-    streams > 1 splits the batch into that many parts (at most one image each), whose steps the
+    streams > 1 splits the batch into that many parts (each of at least one image), whose steps the
     graph holds as parallel branches on streams of their own: at a small batch the GPU can overlap
     one part's small kernels, and their ramps and tails, with the other's. Without a graph the
     parts run one after another (the same computation, for the tests)."""
@@ -126,7 +126,9 @@ class FastStep:
     def _capture(self, x, noise):
         self.static_i, self.static_x, self.static_noise = self.indices[0].clone(), x.clone(), noise.clone()
         parts = self._parts(self.static_x, self.static_noise)
-        streams = [torch.cuda.Stream() for _ in parts]
+        # drawn together from torch's round-robin pool of 32, so the capture stream and the parts'
+        # are distinct (sample.streams <= 16): on a shared stream two parts would run in turn
+        capture, *streams = (torch.cuda.Stream() for _ in range(len(parts) + 1))
         for stream, (x_part, noise_part) in zip(streams, parts):  # warm-up (and compilation) off the capture
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -134,8 +136,7 @@ class FastStep:
                     self.body(self.static_i, x_part.clone(), noise_part)
             torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            capture = torch.cuda.current_stream()
+        with torch.cuda.graph(self.graph, stream=capture):
             for stream, (x_part, noise_part) in zip(streams, parts):  # forked from the capture, joined back
                 stream.wait_stream(capture)
                 with torch.cuda.stream(stream):

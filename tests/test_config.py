@@ -60,7 +60,8 @@ def test_seed_config_matches_the_seed():
     ("sample.steps=1001", "sample.steps must lie in [1, diffusion.timesteps=1000]"),
     ("sample.eta=-0.5", "sample.eta must be >= 0"),
     ("sample.num_images=0", "sample.num_images must be >= 1"),
-    ("sample.streams=0", "sample.streams must be >= 1"),
+    ("sample.streams=0", "sample.streams must lie in [1, 16]"),
+    ("sample.streams=17", "sample.streams must lie in [1, 16]"),
 ])
 def test_bad_values_raise_one_clear_line(override, message):
     with pytest.raises(config.ConfigError, match=None) as err:
