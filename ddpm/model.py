@@ -127,12 +127,16 @@ class UNet(nn.Module):
             self.decoder_attn.append(attention(widths[max(i - 1, 0)], res))
         self.out = nn.Conv2d(widths[0], in_channels, 1)
 
+    def res_blocks(self) -> tuple[ResBlock, ...]:
+        """The ResBlocks in the order forward runs them."""
+        return (*self.encoder, self.mid1, self.mid2, *self.decoder)
+
     def time_biases(self, t) -> list[torch.Tensor]:
-        """What t adds to each ResBlock (in the order forward runs them): the time embedding through
-        the shared MLP and the block's projection. Depends on t alone, so a sampler can compute it
-        once for all its timesteps instead of at every step."""
+        """What t adds to each ResBlock (in res_blocks' order): the time embedding through the shared
+        MLP and the block's projection. Depends on t alone, so a sampler can compute it once for all
+        its timesteps instead of at every step."""
         temb = self.time_act(self.time_embed(t))
-        return [block.time_proj(temb) for block in (*self.encoder, self.mid1, self.mid2, *self.decoder)]
+        return [block.time_proj(temb) for block in self.res_blocks()]
 
     def forward(self, x, t=None, time_biases=None):
         """The predicted noise of x at timesteps t ([N]), or with time_biases (t's, or rows of a
@@ -141,9 +145,8 @@ class UNet(nn.Module):
             if t is None:
                 raise TypeError("UNet.forward needs t or time_biases")
             time_biases = self.time_biases(t)
-        elif len(time_biases) != len(self.encoder) + 2 + len(self.decoder):
-            raise ValueError(f"UNet.forward got {len(time_biases)} time biases for "
-                             f"{len(self.encoder) + 2 + len(self.decoder)} ResBlocks")
+        elif len(time_biases) != len(self.res_blocks()):
+            raise ValueError(f"UNet.forward got {len(time_biases)} time biases for {len(self.res_blocks())} ResBlocks")
         biases = iter(time_biases)
         skips = []
         for block, attn, down in zip(self.encoder, self.encoder_attn, self.down):
