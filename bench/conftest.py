@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest  # noqa: E402
 import torch  # noqa: E402  (does not import triton)
 
+from ddpm import distributed  # noqa: E402
 from ddpm.runtime import use_inductor_cache  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -65,6 +66,13 @@ def fresh_compile_cache():
 @pytest.fixture(scope="session")
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def solo_process_group(device):
+    """A process group of this process alone, for the variants that wrap the UNet in DDP."""
+    with distributed.solo_group(device):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 # The GPU check: one command for a lent GPU machine, from a bare copy of the repository (python3
 # with torch, triton, torchvision, pytest, pytest-benchmark; no venv, no internet, no DALI).
 #   1. the Triton ops' tests and the CUDA-only fast-path tests (no host syncs in a training step or
-#      a sampling replay; CUDA-graph sampling = the eager loop), on the GPU
+#      a sampling replay; CUDA-graph sampling = the eager loop; DDP around the graphed UNet), on the GPU
 #   2. the full benchmark suite (results: $OUT/<device>.json and .md)
 #   3. 2,000 training steps of eager fp32 and of the default (fastest) path from the same seed,
 #      their losses compared, and both scored with ddpm.eval
@@ -84,6 +84,7 @@ test_started=$SECONDS
 timeout "$TEST_SECONDS" $PY -m pytest -v ${PARALLEL[@]+"${PARALLEL[@]}"} --durations=10 -p no:cacheprovider \
   tests/test_fast_path.py::test_cuda_training_steps_never_wait_for_the_gpu \
   tests/test_fast_path.py::test_cuda_graphed_training_takes_the_eager_steps \
+  tests/test_fast_path.py::test_ddp_around_the_cuda_graphed_unet_takes_its_steps \
   tests/test_fast_path.py::test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs \
   tests/test_group_norm_silu.py tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"; echo

@@ -53,8 +53,11 @@ def test_train_step(benchmark, record, device, quick, peaks, request, variant, b
     if batch == "t4-max":
         batch = request.getfixturevalue("t4_max_batch")  # measured only when a T4-sized row runs
     cfg = load_config(quick, [*variants.TRAIN[variant], f"train.batch_size={batch}"], device)
+    ddp = variant in variants.SOLO_DDP
+    if ddp:
+        request.getfixturevalue("solo_process_group")
     try:
-        trainer = Trainer(cfg, device, IMAGES)
+        trainer = Trainer(cfg, device, IMAGES, ddp=ddp)
     except UserError as e:  # e.g. bf16 on a card without it
         record(kind="train", workload="train step", variant=variant, batch=batch, note=f"skipped: {e}")
         pytest.skip(str(e))

@@ -10,6 +10,10 @@ EAGER = ["model.kernels=torch", "model.attention=torch", "train.precision=fp32",
 TRAIN = {
     "eager-fp32": EAGER,  # the baseline
     "default": [],  # what `make train` runs on this device (all "auto")
+    # DDP in a process group of one (SOLO_DDP): what `make train NPROC=2` runs (no graphs), and the
+    # same with CUDA graphs; against default-no-cudagraph and default, what DDP's hooks cost
+    "ddp-default": ["train.compile=default"],
+    "ddp+cudagraph": ["train.compile=reduce-overhead"],
     "seed-like": [*EAGER, "data.loader=dataloader"],
     "eager-fp16": [*EAGER, "train.precision=fp16"],
     "eager-bf16": [*EAGER, "train.precision=bf16"],
@@ -26,6 +30,7 @@ TRAIN = {
                                        "model.kernels=triton", "model.attention=triton"],
 }
 BASELINE = "eager-fp32"
+SOLO_DDP = {"ddp-default", "ddp+cudagraph"}  # the UNet wrapped in DDP (ddpm.distributed.solo_group)
 
 SAMPLE_EAGER = ["model.kernels=torch", "model.attention=torch", "sample.precision=fp32", "sample.compile=none",
                 "sample.cuda_graph=disabled"]
@@ -45,16 +50,16 @@ SAMPLE = {
 
 # Variants that need a GPU (CUDA graphs, bf16 autocast speed is meaningless on CPU, Triton would run
 # in the interpreter) are skipped by the quick CPU run.
-GPU_ONLY = {"eager-bf16", "eager-sdpa-bf16", "compiled-auto+triton", "compiled-auto+triton+sdpa",
-            "compiled-auto+triton+cudagraph", "compiled-auto+cudagraph", "compiled-auto+cudagraph+triton",
-            "default-no-cudagraph", "default-max-autotune"}
+GPU_ONLY = {"ddp-default", "ddp+cudagraph", "eager-bf16", "eager-sdpa-bf16", "compiled-auto+triton",
+            "compiled-auto+triton+sdpa", "compiled-auto+triton+cudagraph", "compiled-auto+cudagraph",
+            "compiled-auto+cudagraph+triton", "default-no-cudagraph", "default-max-autotune"}
 
 # What bench/gpu_check.sh measures within its time budget, in TRAIN's and SAMPLE's order. Each compiled
 # variant costs a compile, so the eager ones (seconds; seed-like shows what the resident loader buys)
-# come early. Training: the default (CUDA graphs, Triton ops) against the same graphed step with
-# torch.compile's own GroupNorm and attention (does the Triton op pay?), then the default without its
-# graphs and plain compile (what the graphs buy). Sampling: the default against the same
-# graph-replayed step with torch's kernels.
-GPU_CHECK_TRAIN = ["eager-fp32", "default", "seed-like", "eager-fp16", "eager-bf16", "compiled-auto+cudagraph",
-                   "default-no-cudagraph", "compiled-auto"]
+# come early. Training: the default (CUDA graphs, Triton ops); DDP without and with graphs (does
+# NPROC=2's step want them?); against the same graphed step with torch.compile's own GroupNorm and
+# attention (does the Triton op pay?), then the default without its graphs and plain compile (what
+# the graphs buy). Sampling: the default against the same graph-replayed step with torch's kernels.
+GPU_CHECK_TRAIN = ["eager-fp32", "default", "ddp-default", "ddp+cudagraph", "seed-like", "eager-fp16", "eager-bf16",
+                   "compiled-auto+cudagraph", "default-no-cudagraph", "compiled-auto"]
 GPU_CHECK_SAMPLE = ["eager-fp32", "default", "compiled-auto+cudagraph"]

@@ -1,9 +1,12 @@
 """torchrun / DDP set-up. One process per GPU (or per CPU process with gloo); rank 0 alone writes."""
+import contextlib
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,34 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world, device
+
+
+def wrap(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP as training uses it: around the compiled UNet (compile first, as nanoGPT does: one graph,
+    DDP's hooks on the same parameters), gradients as views of DDP's buckets, a static graph."""
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True, static_graph=True,
+                                   broadcast_buffers=False)  # the one buffer, the sinusoid frequencies, is a constant
+
+
+@contextlib.contextmanager
+def solo_group(device: torch.device):
+    """A process group of this process alone (NCCL on CUDA, gloo on CPU): DDP's machinery (its hooks,
+    buckets and all-reduce) without a second GPU, to measure what it costs on one and to test that it
+    composes with CUDA graphs. torchrun's own runs never need it."""
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialized")
+    with socket.socket() as s:  # a free port for the rendezvous of one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def shutdown() -> None:

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
@@ -98,7 +97,9 @@ class Trainer:
     The timesteps and noise of the whole global batch are drawn from one generator seeded alike
     on every rank, and each rank takes its slice: any world size computes the same step."""
 
-    def __init__(self, cfg, device, images: torch.Tensor, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg, device, images: torch.Tensor, rank: int = 0, world_size: int = 1, ddp: bool | None = None):
+        """ddp: the UNet wrapped in DDP (default: when world_size > 1); True in a process group of one
+        (distributed.solo_group) measures DDP's cost on one GPU."""
         t = cfg.train
         self.cfg, self.device, self.rank = cfg, torch.device(device), rank
         self.loader = data.make_loader(cfg.data.loader, images, t.batch_size, t.seed, self.device,
@@ -117,16 +118,14 @@ class Trainer:
         self.autocast_dtype = precision_dtype(t.precision, self.device)
         # fp16 needs loss scaling; with the fused Adam the scaler's inf check stays on the device.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
-        # compile first, then DDP around it (as nanoGPT does): one graph, DDP's hooks on the same parameters
         self.forward = compile_model(self.net, compile_mode, self.device)
         norm, attention = self.net.backends
         self.runs_as = (f"{resolve_precision(t.precision, self.device)}, compile {compile_mode}, "
                         f"GroupNorm {norm}, attention {attention}")
-        if world_size > 1:
-            self.forward = DistributedDataParallel(
-                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True, static_graph=True,
-                broadcast_buffers=False)  # the one buffer, the sinusoid frequencies, is a constant
+        if ddp is None:
+            ddp = world_size > 1
+        if ddp:
+            self.forward = distributed.wrap(self.forward, self.device)
         self.image_shape = (1, cfg.data.image_size, cfg.data.image_size)
         self.local = slice(self.loader.offset, self.loader.offset + self.loader.local_batch)
 

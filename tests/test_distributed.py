@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
 
-from ddpm import checkpoint
+from ddpm import checkpoint, config, data, distributed
+from ddpm.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +84,26 @@ def test_ddp_run_resumes_with_another_world_size(tmp_path):
     # and back to two: rank 0 reads the checkpoint and the data and sends them to rank 1
     torchrun(2, "train.py", *common, "train.steps=8", "--resume")
     assert checkpoint.load(out / "checkpoint.pt")["step"] == 8
+
+
+def test_ddp_in_a_process_group_of_one_takes_the_plain_steps():
+    """What the benchmarks' ddp variants measure on one GPU: the UNet in DDP (hooks, buckets, an
+    all-reduce over one rank) computes the plain step's losses and weights."""
+    cfg = config.load("configs/ci.yaml", ["train.batch_size=8"])
+    images = data.load_offline_subset().images[:96]
+    device = torch.device("cpu")
+
+    def run(ddp):
+        trainer = Trainer(cfg, device, images, ddp=ddp)
+        assert isinstance(trainer.forward, torch.nn.parallel.DistributedDataParallel) == ddp
+        return [trainer.step(step) for step in range(3)], trainer.net.state_dict()
+
+    losses, weights = run(False)
+    with distributed.solo_group(device):
+        with pytest.raises(RuntimeError, match="already initialized"), distributed.solo_group(device):
+            pass
+        ddp_losses, ddp_weights = run(True)
+    assert not dist.is_initialized()
+    assert torch.equal(torch.stack(ddp_losses), torch.stack(losses))
+    for name, w in weights.items():
+        assert torch.equal(ddp_weights[name], w), name
