@@ -62,11 +62,30 @@ def test_seed_config_matches_the_seed():
     ("sample.num_images=0", "sample.num_images must be >= 1"),
     ("sample.streams=0", "sample.streams must lie in [1, 16]"),
     ("sample.streams=17", "sample.streams must lie in [1, 16]"),
+    ("model.time_embed_dim=255", "model.time_embed_dim must be a positive even number"),
+    ("model.channel_mults=[1]", "model.channel_mults needs at least 2 positive entries"),
+    ("model.channel_mults=[1,0]", "model.channel_mults needs at least 2 positive entries"),
+    ("train.adam_betas=[0.9]", "train.adam_betas must be two numbers in [0, 1)"),
+    ("train.adam_betas=[0.9,1.0]", "train.adam_betas must be two numbers in [0, 1)"),
+    ("diffusion.beta_start=0.03", "diffusion.beta_start (0.03) must not exceed diffusion.beta_end (0.02)"),
 ])
 def test_bad_values_raise_one_clear_line(override, message):
     with pytest.raises(config.ConfigError, match=None) as err:
         config.load("configs/mnist.yaml", [override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", list(config.CHOICES))
+def test_every_choice_refuses_a_value_outside_it(key):
+    with pytest.raises(config.ConfigError) as err:
+        config.load("configs/mnist.yaml", [f"{key}=bogus"])
+    assert str(err.value).startswith(f"{key} must be one of {', '.join(config.CHOICES[key])}")
+
+
+def test_padding_needs_32_pixel_images():
+    with pytest.raises(config.ConfigError, match="data.resize=pad"):
+        config.load("configs/mnist.yaml", ["data.resize=pad", "data.image_size=64"])
+    assert config.load("configs/mnist.yaml", ["data.resize=pad"]).data.resize == "pad"
 
 
 def test_missing_and_malformed_files(tmp_path):

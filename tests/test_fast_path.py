@@ -39,7 +39,13 @@ def eager(images):
 def test_variant_reaches_the_eager_fp32_loss(overrides, rtol, images, eager):
     if overrides == ["data.loader=dali"]:
         pytest.importorskip("nvidia.dali")
-    losses, _ = mean_loss(overrides, images)
+    torch._dynamo.reset()  # an earlier test's compile of the same UNet would otherwise serve this one
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    losses, trainer = mean_loss(overrides, images)
+    # the switch reached the step: compiled once, or the loader it names
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    assert compiled == (1 if overrides == ["train.compile=default"] else 0)
+    assert type(trainer.loader) is data.LOADERS[trainer.cfg.data.loader]
     eager_losses, _ = eager
     assert eager_losses[-50:].mean() < eager_losses[:10].mean() / 2  # the run learns
     torch.testing.assert_close(losses[-50:].mean(), eager_losses[-50:].mean(), rtol=rtol, atol=0)
@@ -189,10 +195,46 @@ def test_a_sampling_step_in_parts_computes_what_the_whole_batch_does(compile):
     x, noise = torch.randn(5, 1, 32, 32), torch.randn(5, 1, 32, 32)
     with torch.no_grad():
         whole = FastStep(net, plan, True, "cpu", precision="fp32", compile=compile, cuda_graph="auto")(1, x, noise)
-        for streams in (2, 7):
+        for streams, parts in ((2, [3, 2]), (7, [1] * 5)):
             step = FastStep(net, plan, True, "cpu", precision="fp32", compile=compile, cuda_graph="auto", streams=streams)
+            body, steps_run = step.body, []
+            step.body = lambda i, x, noise: steps_run.append(len(x)) or body(i, x, noise)
             torch.testing.assert_close(step(1, x, noise), whole, rtol=1e-5, atol=1e-6)
-            assert step._parts(x, noise)[0][0].shape[0] == (3 if streams == 2 else 1)
+            assert steps_run == parts
+
+
+def test_the_sampling_step_clips_as_asked():
+    """clip_x0 reaches the step: at the first step of an untrained UNet the predicted x0 lies far
+    outside [-1, 1], so clipping changes the result."""
+    from ddpm.sample import FastStep
+    cfg = config.load("configs/ci.yaml", ["sample.sampler=ddim", "diffusion.timesteps=20", "sample.steps=3"])
+    torch.manual_seed(0)
+    net = model.build(cfg).eval()
+    d = Diffusion.from_config(cfg.diffusion)
+    plan = d.plan(cfg.sample)
+    results = {}
+    for clip in (True, False):
+        step = FastStep(net, plan, clip, "cpu", precision="fp32", compile="none", cuda_graph="auto")
+        results[clip] = d.sample(net, (2, 1, 32, 32), plan, clip, torch.Generator().manual_seed(1), step=step)[0]
+        expected, _ = d.sample(net, (2, 1, 32, 32), plan, clip, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(results[clip], expected, rtol=1e-5, atol=1e-6)
+    assert (results[True] - results[False]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_sampling_step_runs_the_unet_in_its_precision(precision, dtype):
+    from ddpm.sample import FastStep
+    cfg = config.load("configs/ci.yaml", ["sample.sampler=ddim", "diffusion.timesteps=20", "sample.steps=3"])
+    net = model.build(cfg).eval()
+    plan = Diffusion.from_config(cfg.diffusion).plan(cfg.sample)
+    seen = []
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    step = FastStep(net, plan, True, "cpu", precision=precision, compile="none", cuda_graph="auto")
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        out = step(0, x, torch.randn_like(x))
+    assert seen == [dtype] and out.dtype == torch.float32
 
 
 @pytest.mark.parametrize("compile,computes_time_biases", [("default", False), ("none", True)])

@@ -248,6 +248,42 @@ def test_optimizer_warmup_and_clipping_are_the_configs(tmp_path):
     assert torch.nn.utils.get_total_norm([p.grad for p in unclipped.net.parameters()]) > 0.01
 
 
+def test_fp16_gradients_are_clipped_unscaled(tmp_path):
+    """With the GradScaler (fp16) the clip applies to the true gradients: unscaled first."""
+    trainer = _trainer(tmp_path, "train.precision=fp16", "train.grad_clip=0.001")
+    assert trainer.scaler.is_enabled()
+    for step in range(2):
+        trainer.step(step)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trainer.net.parameters()])
+        assert abs(norm.item() - 0.001) < 1e-6, norm
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_the_training_step_runs_the_unet_in_its_precision(tmp_path, precision, dtype):
+    trainer = _trainer(tmp_path, f"train.precision={precision}")
+    seen = []
+    conv = next(m for m in trainer.net.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    trainer.step(0)
+    assert seen == [dtype]
+
+
+def test_each_step_moves_the_ema_weights_by_its_decay(tmp_path):
+    trainer = _trainer(tmp_path, "train.ema_decay=0.9")
+    ema = dict(trainer.ema.module.named_parameters())
+    trainer.step(0)
+    first = {name: p.detach().clone() for name, p in trainer.net.named_parameters()}
+    for name, p in first.items():  # the first update copies the weights
+        assert torch.equal(ema[name], p), name
+    trainer.step(1)
+    moved = 0
+    for name, p in trainer.net.named_parameters():
+        torch.testing.assert_close(ema[name], 0.9 * first[name] + 0.1 * p.detach(), msg=name)
+        moved += not torch.equal(p, first[name])
+    assert moved > 0
+
+
 def test_grad_scaler_state_survives_a_resume(tmp_path):
     trainer = _trainer(tmp_path, "train.precision=fp16")
     trainer.step(0)
