@@ -12,8 +12,8 @@ NPROC ?= 1
 TRAIN = $(if $(filter 1,$(NPROC)),$(PYTHON),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC)) train.py
 # the run dir a config and the key=value overrides in ARGS name
 OUT_DIR = $(shell $(PYTHON) -c "import sys; from ddpm import config; print(config.load(sys.argv[1], [a for a in sys.argv[2:] if '=' in a and not a.startswith('-')]).train.out_dir)" $(1) $(ARGS) 2>/dev/null)
-# A run dir that already holds a checkpoint is continued, never replaced.
-RESUME_IF_PRESENT = $(if $(wildcard $(1)/checkpoint.pt),--resume)
+# A run dir that already holds a checkpoint is continued, never replaced (unless ARGS says --overwrite).
+RESUME_IF_PRESENT = $(if $(filter --overwrite,$(ARGS)),,$(if $(wildcard $(1)/checkpoint.pt),--resume))
 
 .PHONY: setup train demo sample eval test bench bench-compare profile gpu-check-prep tensorboard clean
 
@@ -40,11 +40,11 @@ demo: setup
 	$(PYTHON) sample.py --ckpt $(call OUT_DIR,configs/demo.yaml)/checkpoint.pt --out $(call OUT_DIR,configs/demo.yaml)/samples --n 64
 
 sample: setup
-	@test -n "$(CKPT)" || { echo "usage: make sample CKPT=runs/<run>/checkpoint.pt [OUT=dir] [ARGS='--sampler ddim --steps 50']"; exit 2; }
+	@test -n "$(CKPT)" || { echo "usage: make sample CKPT=runs/<run>/checkpoint.pt [OUT=dir] [ARGS='--sampler ddim --steps 50']" >&2; exit 2; }
 	$(PYTHON) sample.py --ckpt $(CKPT) --out $(or $(OUT),$(dir $(CKPT))samples) $(ARGS)
 
 eval: setup
-	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/<run>/checkpoint.pt [ARGS='--n 10000 --sampler ddim --steps 50']"; exit 2; }
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/<run>/checkpoint.pt [ARGS='--n 10000 --sampler ddim --steps 50']" >&2; exit 2; }
 	$(PYTHON) evaluate.py --ckpt $(CKPT) $(ARGS)
 
 test: setup

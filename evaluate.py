@@ -7,6 +7,7 @@ probability exceeds 0.9) and the class histogram's total variation distance from
 score is printed beside its real-vs-real floor (training split vs test split, same count)."""
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,14 +36,14 @@ def table(scores: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint.pt written by train.py")
     parser.add_argument("--n", type=cli.positive, default=10_000, help="number of samples (default: %(default)s)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
                         help="ddim (default, fast) or ddpm (ancestral, all diffusion.timesteps steps)")
-    parser.add_argument("--steps", type=cli.positive, default=50, help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--steps", type=cli.positive, help="DDIM steps (default: 50)")
     parser.add_argument("--batch-size", type=cli.positive, default=500, help="samples per batch (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.seed, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     cli.add_sampling_runtime_args(parser)
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -54,10 +55,14 @@ def main():
     args = parser.parse_args()
     with cli.user_errors("evaluate.py"):
         device = resolve_device(args.device)
-        if args.json and not Path(args.json).resolve().parent.is_dir():
-            raise UserError(f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist")
-        if args.json and Path(args.json).is_dir():
-            raise UserError(f"--json {args.json} is a directory; pass a file name, e.g. {Path(args.json) / 'scores.json'}")
+        cli.check_sampler_options(args.sampler, steps=args.steps)
+        args.steps = args.steps or 50
+        if args.json is not None:
+            if not args.json.strip():
+                raise UserError("--json needs a file name, e.g. --json scores.json")
+            if Path(args.json).resolve() == Path(args.ckpt).resolve():
+                raise UserError(f"--json {args.json} is the checkpoint being evaluated; pass another file name")
+            cli.check_writable(Path(args.json), "--json")
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
         cfg = cli.with_sample_overrides(cfg, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
                                         streams=args.streams)
@@ -85,9 +90,13 @@ def main():
                       "cuda_graph": cuda_graph, "streams": cfg.sample.streams,
                       "device": str(device), "seed": args.seed, "weights": "raw" if args.raw_weights else "ema",
                       "features": scorer.feature_extractor, "real": scorer.description, "scores": scores}
-            try:
-                Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+            json_path = Path(args.json)
+            tmp = json_path.with_name(f".{json_path.name}.tmp")
+            try:  # whole or not at all
+                tmp.write_text(json.dumps(record, indent=2) + "\n")
+                os.replace(tmp, json_path)
             except OSError as e:
+                tmp.unlink(missing_ok=True)
                 print(f"evaluate.py: error: cannot write {args.json} ({e.strerror})", file=sys.stderr)
                 sys.exit(2)
 

@@ -7,15 +7,16 @@ import argparse
 import torch
 
 from ddpm import cli
+from ddpm.config import UserError
 from ddpm.runtime import resolve_device
 from ddpm.sample import load_model, write_samples
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint.pt written by train.py")
     parser.add_argument("--out", required=True, help="directory for the pictures")
-    parser.add_argument("--n", type=cli.positive, default=64, help="number of images (default: %(default)s)")
+    parser.add_argument("--n", type=cli.positive, help="number of images (default: the config's sample.num_images, 64)")
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the checkpoint config's (ddpm)")
     parser.add_argument("--steps", type=cli.positive, help="DDIM steps (default: the config's, 50)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default: 0, deterministic)")
@@ -23,18 +24,21 @@ def main():
     parser.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1]")
     cli.add_sampling_runtime_args(parser)
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.seed, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = parser.parse_args()
     with cli.user_errors("sample.py"):
+        if not args.out.strip():
+            raise UserError("--out needs a directory name, e.g. --out samples")
         device = resolve_device(args.device)
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
         cfg = cli.with_sample_overrides(cfg, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                         variance=args.variance, clip_x0=False if args.no_clip else None,
                                         precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
                                         streams=args.streams)
+        cli.check_sampler_options(cfg.sample.sampler, steps=args.steps, eta=args.eta, variance=args.variance)
         with torch.inference_mode():
-            paths = write_samples(net, cfg, args.out, device, args.n, args.seed)
+            paths = write_samples(net, cfg, args.out, device, args.n or cfg.sample.num_images, args.seed)
         print(f"{cfg.sample.sampler} samples from step {step}: " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -1,19 +1,17 @@
 """Train a DDPM: python train.py --config configs/mnist.yaml [key=value ...] [--resume | --overwrite]"""
-import argparse
-
 from ddpm import cli, config
 from ddpm.train import train
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/mnist.yaml", help="YAML run config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=1000")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace the run in train.out_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides before, between and after the flags
     with cli.user_errors("train.py"):
         cfg = config.load(args.config, args.overrides)
         ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)

@@ -34,16 +34,21 @@ def save(state: dict, path: Path) -> None:
 def load(path: Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the checkpoint.pt inside a run's out dir")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}; pass the checkpoint.pt inside a run's out dir")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+        why = (str(e).splitlines() or ["empty message"])[0][:100]  # an empty file: EOFError('')
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {why}); "
                               f"it is truncated or not a checkpoint of this toolkit: use another one") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this toolkit (missing keys); use a checkpoint.pt written by train.py")
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {state['format_version']}, this toolkit reads {FORMAT_VERSION}")
+    if type(state["step"]) is not int or state["step"] < 0:
+        raise CheckpointError(f"{path} holds a step count of {state['step']!r}, not a whole number >= 0: "
+                              f"it is damaged; use another checkpoint")
     return state
 
 

@@ -4,6 +4,7 @@ This is the one place where bad configuration becomes a clear ConfigError.
 """
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -132,6 +133,8 @@ def _coerce(value, annotation, key: str):
             pass
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    if annotation is int and not -2 ** 63 <= value < 2 ** 63:
+        raise ConfigError(f"{key} is too large: {value}")
     if annotation is float and not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return value
@@ -172,8 +175,15 @@ def _parse_override(text: str) -> dict:
 def from_dict(values: dict) -> Config:
     cfg = Config()
     _merge(cfg, values or {})
+    _expand_home(cfg)
     validate(cfg)
     return cfg
+
+
+def _expand_home(cfg: Config) -> None:
+    """~ in the paths, as a shell would (YAML and key=value overrides are not expanded by one)."""
+    cfg.train.out_dir = os.path.expanduser(cfg.train.out_dir)
+    cfg.data.dir = os.path.expanduser(cfg.data.dir)
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -194,6 +204,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         _merge(cfg, values or {})
     for text in overrides:
         _merge(cfg, _parse_override(text))
+    _expand_home(cfg)
     validate(cfg)
     return cfg
 
@@ -219,6 +230,7 @@ def validate(cfg: Config) -> None:
     require(m.num_heads > 0 and all(w % m.num_heads == 0 for w in widths),
             f"model.num_heads={m.num_heads} must divide every level's width {widths}")
     require(d.timesteps >= 1, f"diffusion.timesteps must be >= 1, got {d.timesteps}")
+    require(d.timesteps <= 100_000, f"diffusion.timesteps must be at most 100000, got {d.timesteps}")
     for name in ("beta_start", "beta_end"):
         beta = getattr(d, name)
         require(0.0 < beta < 1.0, f"diffusion.{name} must lie in (0, 1), got {beta}")
@@ -231,7 +243,13 @@ def validate(cfg: Config) -> None:
     require(data.image_size >= 28, f"data.image_size must be >= 28 (the digits are 28x28), got {data.image_size}")
     require(data.resize != "pad" or data.image_size == 32,
             f"data.resize=pad gives 32x32 images; set data.image_size=32 or data.resize=bilinear")
+    resolutions = sorted({data.image_size >> i for i in range(len(m.channel_mults))}, reverse=True)
+    require(all(r in resolutions for r in m.attention_resolutions),
+            f"model.attention_resolutions may name only the UNet's resolutions {resolutions}, "
+            f"got {m.attention_resolutions}")
     require(tr.steps >= 1, f"train.steps must be >= 1, got {tr.steps}")
+    require(0 <= tr.seed < 2 ** 32, f"train.seed must lie in [0, 2**32), got {tr.seed}")
+    require(tr.out_dir.strip() != "", "train.out_dir must name a directory, got ''")
     require(tr.batch_size >= 1, f"train.batch_size must be >= 1, got {tr.batch_size}")
     require(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
     require(len(tr.adam_betas) == 2 and all(0 <= b < 1 for b in tr.adam_betas),
@@ -247,7 +265,7 @@ def validate(cfg: Config) -> None:
     require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", tr.device) is not None,
             f"train.device must be auto, cpu, cuda or cuda:N, got {tr.device!r}")
     require(1 <= s.steps <= d.timesteps, f"sample.steps must lie in [1, diffusion.timesteps={d.timesteps}], got {s.steps}")
-    require(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
+    require(0 <= s.eta <= 1, f"sample.eta must lie in [0, 1] (0: deterministic DDIM, 1: ancestral), got {s.eta}")
     require(s.num_images >= 1, f"sample.num_images must be >= 1, got {s.num_images}")
     require(1 <= s.streams <= 16, f"sample.streams must lie in [1, 16] (1: one stream), got {s.streams}")
 

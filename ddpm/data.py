@@ -51,6 +51,8 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     if len(raw) != expected:
         raise DataError(f"{path} holds {len(raw)} bytes but its header promises {expected} "
                         f"(shape {dims}): the file is truncated or corrupt; download it again")
+    if dims[0] == 0:
+        raise DataError(f"{path} holds no items (shape {dims}); download it again")
     return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
 
 
@@ -81,6 +83,9 @@ def load_idx(dataset: str, data_dir: Path, train: bool) -> Digits | None:
         if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
             raise DataError(f"{images_path} ({tuple(images.shape)}) and {labels_path} ({labels.shape[0]} labels) "
                             f"do not match 28x28 images with one label each; download both again")
+        if labels.max() > 9:
+            raise DataError(f"{labels_path} holds label {labels.max().item()}; {dataset}'s are 0-9: the file is not "
+                            f"{dataset}'s, download it again")
         return Digits(images, labels.long(), f"{dataset} {prefix} split, IDX files in {directory}")
     return None
 

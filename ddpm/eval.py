@@ -212,7 +212,12 @@ def get_classifier(data_cfg, device, steps: int = CLASSIFIER_STEPS, splits: Real
             net.load_state_dict(state["weights"])
             return net.to(device).eval().requires_grad_(False)
         except Exception as e:  # truncated, foreign or stale: retraining costs seconds to minutes, a crash costs the run
-            log(f"evaluation classifier {path} is unusable ({type(e).__name__}: {str(e).splitlines()[0][:100]}); retraining it")
+            log(f"evaluation classifier {path} is unusable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}); retraining it")
+    try:  # before minutes of training, not after
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot cache the evaluation classifier in {path.parent} ({e.strerror}); set "
+                        f"DDPM_CACHE_DIR to a writable directory") from None
     splits = splits or real_splits(data_cfg)
     log(f"training the evaluation classifier for {key} ({steps} steps on {len(splits.train.images):,} images, "
         f"device {device}); cached at {path} afterwards")
@@ -220,7 +225,6 @@ def get_classifier(data_cfg, device, steps: int = CLASSIFIER_STEPS, splits: Real
     net, acc = train_classifier(splits, data_cfg, device, steps, progress=progress)
     seconds = time.perf_counter() - start
     log(f"evaluation classifier: {acc:.2%} accuracy on {splits.held_out.description} after {seconds:.0f} s")
-    path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save({"arch": CLASSIFIER_ARCH, "key": key, "weights": net.state_dict(), "accuracy": acc,
                      "held_out": splits.held_out.description, "steps": steps, "seconds": seconds}, path)
     return net.requires_grad_(False)

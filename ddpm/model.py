@@ -5,11 +5,13 @@ core one call to kernels.attention_core, so a backend switch swaps fused Triton 
 the parameters: checkpoints are interchangeable between backends.
 """
 import math
+import os
 
 import torch
 from torch import nn
 
 import kernels
+from ddpm.config import UserError
 
 
 def num_groups(channels: int) -> int:
@@ -183,6 +185,20 @@ def resolve_backends(model_cfg, device, graphed: bool = True) -> tuple[str, str]
     if attention == "auto":
         attention = TRITON_FOR_16BIT if fast_gpu and graphed else "torch"
     return norm, attention
+
+
+def triton_runs_on(device) -> bool:
+    """A CUDA device, or the CPU under Triton's interpreter (the tests)."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_runs_on(net: UNet, device) -> None:
+    """A UNet built with the Triton ops where they cannot run fails here in one line, not at its first
+    kernel launch. (build() itself allows it: the sm_75 compile test launches them with stubs.)"""
+    for key, backend in zip(("kernels", "attention"), net.backends):
+        if backend == "triton" and not triton_runs_on(device):
+            raise UserError(f"model.{key}=triton needs a CUDA GPU (on a CPU Triton runs only in its test "
+                            f"interpreter, TRITON_INTERPRET=1); use model.{key}=auto or torch")
 
 
 def build(cfg, device="cpu", graphed: bool = True) -> UNet:

@@ -1,6 +1,7 @@
 """Sampling from a checkpoint and the pictures a run shows: the grid, the denoising GIF, the
 forward-diffusion figure."""
 import functools
+import sys
 import types
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from ddpm import checkpoint, model as model_lib
+from ddpm.cli import check_writable
 from ddpm.config import UserError
 from ddpm.diffusion import Diffusion, SamplerPlan
 from ddpm.runtime import compile_model, precision_dtype, resolve_compile
@@ -18,6 +20,13 @@ def load_model(ckpt_path, device, use_ema: bool = True):
     """The model (EMA weights by default) and the config stored in a checkpoint."""
     state = checkpoint.load(ckpt_path)
     cfg = checkpoint.config_of(state, ckpt_path)
+    if not model_lib.triton_runs_on(device):  # a run trained with the Triton ops, sampled on a CPU
+        asked = [key for key in ("kernels", "attention") if getattr(cfg.model, key) == "triton"]
+        for key in asked:
+            setattr(cfg.model, key, "auto")  # how it runs, not what it computes
+        if asked:
+            print(f"note: {ckpt_path} was trained with {', '.join(f'model.{k}=triton' for k in asked)}, which "
+                  f"needs a CUDA GPU; on {torch.device(device).type} its PyTorch equivalent runs", file=sys.stderr)
     net = model_lib.build(cfg, device)
     checkpoint.load_weights(net, state["ema" if use_ema else "model"], ckpt_path)
     return net.eval(), cfg, state["step"]
@@ -191,6 +200,9 @@ def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, g
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, no permission
         raise UserError(f"cannot use {out_dir} as the output directory ({e.strerror}); pass another --out") from None
+    paths = {"grid": out_dir / "samples.png", "gif": out_dir / "denoising.gif", "forward": out_dir / "forward.png"}
+    for path in paths.values():  # now, not after the sampling
+        check_writable(path, "--out")
     diffusion = Diffusion.from_config(cfg.diffusion, device)
     plan = diffusion.plan(cfg.sample)
     generator = torch.Generator(device).manual_seed(seed)
@@ -199,7 +211,6 @@ def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, g
     step = FastStep.from_config(net, plan, s, device)
     x, frames = diffusion.sample(net, (num_images, 1, cfg.data.image_size, cfg.data.image_size), plan,
                                  s.clip_x0, generator, keep_every, step)
-    paths = {"grid": out_dir / "samples.png", "gif": out_dir / "denoising.gif", "forward": out_dir / "forward.png"}
     save_image(to_unit(x).cpu(), paths["grid"], nrow=int(num_images ** 0.5 + 0.5), padding=2, pad_value=1.0)
     save_gif(frames, paths["gif"])
     forward_diffusion_figure(diffusion, x[:1].clamp(-1, 1), paths["forward"], generator=generator)

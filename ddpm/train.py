@@ -1,5 +1,7 @@
 """The training loop: resident data -> UNet -> epsilon MSE -> Adam -> EMA, with checkpoints,
 TensorBoard logs and a progress bar. Counted in optimizer steps; resumable to the same weights."""
+import math
+import os
 import shutil
 import signal
 import sys
@@ -37,6 +39,11 @@ def check_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
     Changes nothing on disk: a run that fails to start leaves the dir as it was."""
     out = Path(cfg.train.out_dir)
     saved_cfg_path, ckpt_path = out / "config.yaml", out / CHECKPOINT_NAME
+    nearest = next(p for p in (out, *out.parents) if p.exists())  # out itself, or where it would be made
+    if not nearest.is_dir():
+        raise RunDirError(f"train.out_dir {out} cannot be a run dir: {nearest} is a file; choose another train.out_dir")
+    if not os.access(nearest, os.W_OK):
+        raise RunDirError(f"train.out_dir {out}: no permission to write in {nearest}; choose another train.out_dir")
     if resume:
         if not ckpt_path.exists():
             raise RunDirError(f"nothing to resume: {ckpt_path} does not exist; drop --resume to start a new run")
@@ -56,6 +63,23 @@ def check_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
         raise RunDirError(f"{out} holds a run that stopped before its first checkpoint; pass --overwrite to "
                           f"replace it, or set train.out_dir to another directory")
     return None
+
+
+def restore(trainer, state: dict, path) -> int:
+    """trainer.load_state_dict, with a damaged training state (optimizer, scheduler, generator, EMA
+    count) as one line: the checkpoint's keys are there, their contents are not what was saved."""
+    try:
+        return trainer.load_state_dict(state, path)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint {path} holds a training state that cannot be restored "
+                                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}); "
+                                         f"it is damaged: resume from another checkpoint or start anew") from None
+
+
+def diverged(loss: float, step: int, ckpt_path: Path) -> UserError:
+    kept = f"{ckpt_path} holds the last checkpoint before it" if ckpt_path.exists() else "no checkpoint was written"
+    return UserError(f"the loss is {loss} by step {step}: training diverged ({kept}); lower train.lr or set "
+                     f"train.grad_clip")
 
 
 def start_out_dir(cfg, replace: bool) -> None:
@@ -108,6 +132,7 @@ class Trainer:
         compile_mode = resolve_train_compile(t.compile, self.device, world_size)
         graphed = compile_mode == "reduce-overhead"
         self.net = model_lib.build(cfg, self.device, graphed)
+        model_lib.check_runs_on(self.net, self.device)
         self.ema = EMA(self.net, t.ema_decay)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                     weight_decay=t.weight_decay, fused=self.device.type == "cuda")
@@ -210,12 +235,9 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     resumed, digits = distributed.from_main(world, (resumed, digits))
 
     trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
-    start = trainer.load_state_dict(resumed, ckpt_path) if resumed is not None else 0
+    start = restore(trainer, resumed, ckpt_path) if resumed is not None else 0
     del resumed
-    if world.is_main:
-        start_out_dir(cfg, replace=overwrite and not resume)
-
-    writer = SummaryWriter(str(out / "tb")) if world.is_main else None
+    writer = None  # rank 0's, made with the run dir once the first step has run
     if world.is_main:
         print(f"training on {world.world_size} x {device.type} with {digits.description}: {len(digits.images)} images, "
               f"{sum(p.numel() for p in trainer.net.parameters()):,} parameters ({trainer.runs_as}), "
@@ -232,6 +254,11 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     try:
         for step in range(start, t.steps):
             window[0] += trainer.step(step)
+            if world.is_main and writer is None:
+                # settings that fail at the first step (a kernel, an overflow) have failed by now, so
+                # only now is the run dir written and the run it replaces (--overwrite) cleared
+                start_out_dir(cfg, replace=overwrite and not resume)
+                writer = SummaryWriter(str(out / "tb"))
             window[1] += 1
             done = step + 1
             bar.update(1)
@@ -240,6 +267,8 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 window[2] = float(bool(stop_signal))
                 loss_sum, steps, stop_votes = distributed.sum_across(world, window).tolist()  # the one host sync
                 stop = stop_votes > 0
+                if not math.isfinite(loss_sum):
+                    raise diverged(loss_sum, done, ckpt_path)
                 images_per_s = steps / world.world_size * t.batch_size / (time.perf_counter() - window_start)
                 if world.is_main:
                     mean_loss = loss_sum / steps
@@ -252,6 +281,8 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 window.zero_()
                 window_start = time.perf_counter()
             if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
+                if not torch.isfinite(window[0]):  # steps since the last log; a save waits for the GPU anyway
+                    raise diverged(window[0].item(), done, ckpt_path)
                 checkpoint.save(trainer.state_dict(done), ckpt_path)  # first: a failing evaluation loses nothing
             if world.is_main and t.sample_every and done % t.sample_every == 0:
                 x = sample_grid(trainer.ema.module, trainer.diffusion, cfg.data.image_size)

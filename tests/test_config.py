@@ -12,6 +12,7 @@ def test_shipped_configs_are_valid(path):
 
 def test_overrides_are_typed_and_nested():
     cfg = config.load("configs/mnist.yaml", ["train.steps=7", "train.lr=3e-4", "model.channel_mults=[1,2]",
+                                             "model.attention_resolutions=[16]",
                                              "sample.clip_x0=false", "diffusion.beta_start=1e-4"])
     assert cfg.train.steps == 7 and cfg.train.lr == 3e-4 and cfg.model.channel_mults == [1, 2]
     assert cfg.sample.clip_x0 is False and cfg.diffusion.beta_start == 1e-4
@@ -58,7 +59,13 @@ def test_seed_config_matches_the_seed():
     ("train.eval_every=-5", "train.eval_every must be >= 0"),
     ("sample.steps=0", "sample.steps must lie in [1, diffusion.timesteps=1000]"),
     ("sample.steps=1001", "sample.steps must lie in [1, diffusion.timesteps=1000]"),
-    ("sample.eta=-0.5", "sample.eta must be >= 0"),
+    ("sample.eta=-0.5", "sample.eta must lie in [0, 1]"),
+    ("sample.eta=1.5", "sample.eta must lie in [0, 1]"),
+    ("model.attention_resolutions=[5]", "model.attention_resolutions may name only the UNet's resolutions [32, 16, 8]"),
+    ("train.seed=-1", "train.seed must lie in [0, 2**32)"),
+    ("train.seed=99999999999999999999", "train.seed is too large"),
+    ("train.out_dir=''", "train.out_dir must name a directory"),
+    ("diffusion.timesteps=1000000", "diffusion.timesteps must be at most 100000"),
     ("sample.num_images=0", "sample.num_images must be >= 1"),
     ("sample.streams=0", "sample.streams must lie in [1, 16]"),
     ("sample.streams=17", "sample.streams must lie in [1, 16]"),

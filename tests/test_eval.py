@@ -135,13 +135,18 @@ def test_evaluate_cli_writes_table_and_json(cache, ckpt, tmp_path):
     (["--ckpt", "CKPT", "--json", "/nonexistent/dir/x.json"], "does not exist"),
     (["--ckpt", "CKPT", "--json", "EMPTY_DIR"], "is a directory"),
     (["--ckpt", "CKPT", "--device", "gpu"], "unknown device 'gpu'"),
+    (["--ckpt", "CKPT", "--json", "CKPT"], "is the checkpoint being evaluated"),
+    (["--ckpt", "CKPT", "--json", ""], "--json needs a file name"),
+    (["--ckpt", "CKPT", "--sampler", "ddpm", "--steps", "7"], "--steps is an option of the DDIM sampler, not of DDPM"),
     pytest.param(["--ckpt", "CKPT", "--cuda-graph", "enabled"], "needs a CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")),
 ])
 def test_evaluate_cli_bad_input(args, message, ckpt, tmp_path):
     args = [{"CKPT": str(ckpt), "EMPTY_DIR": str(tmp_path)}.get(a, a) for a in args]
     # an empty cache: an error found only after the classifier's training would log a second line
+    before = ckpt.read_bytes()
     assert message in assert_one_line_error(run_cli("evaluate.py", *args, cache_dir=tmp_path), "evaluate.py")
+    assert ckpt.read_bytes() == before
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -193,10 +198,10 @@ def test_evaluate_cli_options_reach_the_sampler(ckpt, monkeypatch):
     monkeypatch.setitem(main.__globals__, "load_model", load_model)
     monkeypatch.setitem(main.__globals__, "Scorer", lambda *args, **kwargs: None)
     monkeypatch.setitem(main.__globals__, "evaluate", evaluate)
-    for args in ([], ["--raw-weights", "--n", "30", "--sampler", "ddpm", "--steps", "7", "--batch-size", "9",
+    for args in ([], ["--raw-weights", "--n", "30", "--sampler", "ddim", "--steps", "7", "--batch-size", "9",
                       "--seed", "3", "--precision", "fp16", "--compile", "default", "--cuda-graph", "disabled", "--streams", "2"]):
         monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", str(ckpt), "--device", "cpu", *args])
         with pytest.raises(Stop):
             main()
     assert seen == [True, ("auto", "auto", "auto", 1, 10_000, "ddim", 50, 500, 0),
-                    False, ("fp16", "default", "disabled", 2, 30, "ddpm", 7, 9, 3)]
+                    False, ("fp16", "default", "disabled", 2, 30, "ddim", 7, 9, 3)]

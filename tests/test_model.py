@@ -24,7 +24,7 @@ def test_seed_structure():
 @pytest.mark.parametrize("overrides, image_size", [
     ([], 32),
     (["model.channel_mults=[1,2,2,2]", "model.attention_resolutions=[16,4]", "model.num_heads=4"], 32),
-    (["model.base_channels=16", "model.time_embed_dim=32", "data.image_size=28"], 28),
+    (["model.base_channels=16", "model.time_embed_dim=32", "data.image_size=28", "model.attention_resolutions=[7]"], 28),
 ])
 def test_output_shape_matches_input(overrides, image_size):
     cfg = config.load(None, ["model.base_channels=8", "model.time_embed_dim=16", *overrides])

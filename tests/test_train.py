@@ -94,6 +94,86 @@ def test_a_run_that_fails_to_start_leaves_the_run_dir_as_it_was(tmp_path):
     assert (run / "checkpoint.pt").read_bytes() == before  # --overwrite deletes only once the run is set up
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_taken_a_step(tmp_path, monkeypatch):
+    """Settings that fail only at the first step (a kernel, an overflow) cost the old run nothing."""
+    run = tmp_path / "run"
+    train(ci_config(run, "train.steps=1"), progress=False)
+    before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "config.yaml")}
+
+    def fails(self, step):
+        raise RuntimeError("the first step failed")
+    monkeypatch.setattr(Trainer, "step", fails)
+    with pytest.raises(RuntimeError, match="the first step failed"):
+        train(ci_config(run, "train.lr=0.5"), overwrite=True, progress=False)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    with pytest.raises(RuntimeError, match="the first step failed"):
+        train(ci_config(tmp_path / "new"), progress=False)
+    assert not (tmp_path / "new").exists()  # nothing half-made that a rerun would have to --overwrite
+
+
+def test_run_dirs_that_cannot_be_made_and_damaged_training_states_fail_in_one_line(tmp_path):
+    from ddpm.config import UserError
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(UserError, match="is a file; choose another train.out_dir"):
+            train(ci_config(out), progress=False)
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
+    state = torch.load(ckpt, weights_only=True)
+    state["optimizer"] = {}
+    torch.save(state, ckpt)
+    with pytest.raises(UserError, match="holds a training state that cannot be restored"):
+        train(ci_config(tmp_path / "run", "train.steps=2"), resume=True, progress=False)
+
+
+def test_a_diverging_run_stops_without_saving_its_nan_weights(tmp_path, monkeypatch):
+    from ddpm.config import UserError
+    with pytest.raises(UserError, match="the loss is nan by step 2: training diverged .no checkpoint was written"):
+        train(ci_config(tmp_path / "new", "train.lr=1e10", "train.log_every=2"), progress=False)
+    assert not (tmp_path / "new" / "checkpoint.pt").exists()
+    # between two logs: the checkpoint's own check keeps the last good one
+    run = tmp_path / "run"
+    common = ["train.log_every=20", "train.checkpoint_every=2"]
+    train(ci_config(run, "train.steps=2", *common), progress=False)
+    before = (run / "checkpoint.pt").read_bytes()
+    step = Trainer.step
+
+    def poisoned(self, i):
+        loss = step(self, i)
+        with torch.no_grad():
+            next(self.net.parameters()).fill_(float("nan"))
+        return loss
+    monkeypatch.setattr(Trainer, "step", poisoned)
+    with pytest.raises(UserError, match="by step 4: training diverged .* holds the last checkpoint before it"):
+        train(ci_config(run, "train.steps=40", *common), resume=True, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_the_triton_ops_on_a_cpu_without_the_interpreter(tmp_path, monkeypatch, capsys):
+    """Training refuses them in one line; sampling a run trained with them runs PyTorch's instead."""
+    from ddpm.config import UserError
+    from ddpm.sample import load_model
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=1", "model.kernels=triton"), progress=False)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(UserError, match="model.kernels=triton needs a CUDA GPU"):
+        _trainer(tmp_path, "model.kernels=triton")
+    capsys.readouterr()
+    net, cfg, _ = load_model(ckpt, "cpu")
+    assert cfg.model.kernels == "auto" and net.backends[0] == "torch"
+    assert "was trained with model.kernels=triton" in capsys.readouterr().err
+
+
+def test_train_cli_takes_overrides_between_and_after_flags(monkeypatch):
+    import runpy
+    main = runpy.run_path(str(ROOT / "train.py"))["main"]
+    seen = []
+    monkeypatch.setitem(main.__globals__, "train", lambda cfg, **kwargs: seen.append((cfg, kwargs)) or "ckpt")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--config", "configs/ci.yaml", "train.steps=2", "--no-progress",
+                                      "train.lr=0.002", "--overwrite", "train.seed=3"])
+    main()
+    (cfg, kwargs), = seen
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.seed) == (2, 0.002, 3) and kwargs["overwrite"]
+
+
 def test_resume_refuses_a_shorter_run_and_eval_without_its_data(tmp_path):
     from ddpm.config import UserError
     run = tmp_path / "run"
@@ -197,8 +277,24 @@ def test_sample_cli_bad_checkpoints(tmp_path, capsys, monkeypatch):
     torch.save(state, mismatched)
     line = error_of("--ckpt", str(mismatched), "--out", str(tmp_path))
     assert "does not match the model" in line
-    line = error_of("--ckpt", str(ckpt), "--out", str(tmp_path), "--n", "0")
-    assert "--n" in line
+    result = run_sample_main(capsys, monkeypatch, "--ckpt", str(ckpt), "--out", str(tmp_path), "--n", "0")
+    assert "--n" in assert_one_line_error(result, "sample.py") and len(result.stderr.strip().splitlines()) == 1
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert "cannot be read (EOFError" in error_of("--ckpt", str(empty), "--out", str(tmp_path))
+    assert "is a directory" in error_of("--ckpt", str(tmp_path), "--out", str(tmp_path))
+    state = torch.load(ckpt, weights_only=True)
+    state["step"] = "abc"
+    torch.save(state, tmp_path / "bad-step.pt")
+    assert "step count of 'abc'" in error_of("--ckpt", str(tmp_path / "bad-step.pt"), "--out", str(tmp_path))
+    # the options of the other sampler, and outputs that cannot be written, fail before any sampling
+    line = error_of("--ckpt", str(ckpt), "--out", str(tmp_path), "--steps", "3")
+    assert "--steps is an option of the DDIM sampler, not of DDPM" in line
+    assert "--variance is an option of the DDPM sampler" in error_of("--ckpt", str(ckpt), "--out", str(tmp_path),
+                                                           "--sampler", "ddim", "--variance", "posterior")
+    (tmp_path / "taken" / "samples.png").mkdir(parents=True)
+    line = error_of("--ckpt", str(ckpt), "--out", str(tmp_path / "taken"))
+    assert "samples.png is a directory" in line
     if not torch.cuda.is_available():
         line = error_of("--ckpt", str(ckpt), "--out", str(tmp_path), "--cuda-graph", "enabled")
         assert "needs a CUDA device" in line
@@ -348,12 +444,13 @@ def test_sample_cli_options_reach_the_sampler(tmp_path, monkeypatch):
     s = cfg.sample
     assert (s.sampler, s.eta, s.variance, s.clip_x0, n, seed) == ("ddpm", 0.0, "beta", True, 64, 0)
     assert all(torch.equal(v, state["ema"][k]) for k, v in net.state_dict().items())
-    net, cfg, n, seed = run("--n", "3", "--sampler", "ddim", "--steps", "7", "--eta", "0.5", "--variance", "posterior",
+    net, cfg, n, seed = run("--n", "3", "--sampler", "ddim", "--steps", "7", "--eta", "0.5",
                             "--no-clip", "--precision", "fp16", "--compile", "default", "--cuda-graph", "disabled", "--streams", "3",
                             "--raw-weights", "--seed", "5", "--device", "cpu")
     s = cfg.sample
-    assert (s.sampler, s.steps, s.eta, s.variance, s.clip_x0, s.precision, s.compile, s.cuda_graph, s.streams) == \
-        ("ddim", 7, 0.5, "posterior", False, "fp16", "default", "disabled", 3)
+    assert (s.sampler, s.steps, s.eta, s.clip_x0, s.precision, s.compile, s.cuda_graph, s.streams) == \
+        ("ddim", 7, 0.5, False, "fp16", "default", "disabled", 3)
     assert (n, seed) == (3, 5)
     assert all(torch.equal(v, state["model"][k]) for k, v in net.state_dict().items())
     assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])  # the two differ
+    assert run("--variance", "posterior")[1].sample.variance == "posterior"
