@@ -141,11 +141,23 @@ def test_evaluate_cli_writes_table_and_json(cache, ckpt, tmp_path):
     pytest.param(["--ckpt", "CKPT", "--cuda-graph", "enabled"], "needs a CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")),
 ])
-def test_evaluate_cli_bad_input(args, message, ckpt, tmp_path):
+def test_evaluate_cli_bad_input(args, message, ckpt, tmp_path, capsys, monkeypatch):
+    """The first case runs evaluate.py as a process; the others its main() here (a process costs ~4 s
+    of imports), the same code from argument parsing to the one-line error and exit status 2."""
     args = [{"CKPT": str(ckpt), "EMPTY_DIR": str(tmp_path)}.get(a, a) for a in args]
     # an empty cache: an error found only after the classifier's training would log a second line
     before = ckpt.read_bytes()
-    assert message in assert_one_line_error(run_cli("evaluate.py", *args, cache_dir=tmp_path), "evaluate.py")
+    if args[1] == "missing/checkpoint.pt":
+        result = run_cli("evaluate.py", *args, cache_dir=tmp_path)
+    else:
+        import evaluate
+        monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.main()
+        result = subprocess.CompletedProcess(args, exit_.value.code, "", capsys.readouterr().err)
+    assert message in assert_one_line_error(result, "evaluate.py")
     assert ckpt.read_bytes() == before
 
 
