@@ -39,8 +39,7 @@ def load(path: Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        why = (str(e).splitlines() or ["empty message"])[0][:100]  # an empty file: EOFError('')
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {why}); "
+        raise CheckpointError(f"checkpoint {path} cannot be read ({config_lib.describe(e)}); "
                               f"it is truncated or not a checkpoint of this toolkit: use another one") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this toolkit (missing keys); use a checkpoint.pt written by train.py")

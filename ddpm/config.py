@@ -17,6 +17,13 @@ class UserError(Exception):
     """Bad input (config, CLI, data, checkpoint, run dir): the CLIs print its one-line message and exit 2."""
 
 
+def describe(error: BaseException, limit: int = 100) -> str:
+    """An exception in a UserError's one line: its type and its message's first line (an empty
+    message, such as a 0-byte file's EOFError(''), leaves the type alone)."""
+    first = (str(error).splitlines() or [""])[0][:limit]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 class ConfigError(UserError):
     """A configuration the toolkit cannot run; the message says what is wrong and what to do."""
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddpm import checkpoint
-from ddpm.config import UserError
+from ddpm.config import UserError, describe
 from ddpm.data import Digits, load_digits, to_model_input
 from ddpm.diffusion import Diffusion
 from ddpm.runtime import cache_dir  # $DDPM_CACHE_DIR, else $XDG_CACHE_HOME/ddpm-mnist, else ~/.cache/ddpm-mnist
@@ -212,7 +212,7 @@ def get_classifier(data_cfg, device, steps: int = CLASSIFIER_STEPS, splits: Real
             net.load_state_dict(state["weights"])
             return net.to(device).eval().requires_grad_(False)
         except Exception as e:  # truncated, foreign or stale: retraining costs seconds to minutes, a crash costs the run
-            log(f"evaluation classifier {path} is unusable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}); retraining it")
+            log(f"evaluation classifier {path} is unusable ({describe(e)}); retraining it")
     try:  # before minutes of training, not after
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

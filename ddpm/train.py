@@ -72,8 +72,8 @@ def restore(trainer, state: dict, path) -> int:
         return trainer.load_state_dict(state, path)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
         raise checkpoint.CheckpointError(f"checkpoint {path} holds a training state that cannot be restored "
-                                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}); "
-                                         f"it is damaged: resume from another checkpoint or start anew") from None
+                                         f"({config_lib.describe(e)}); it is damaged: resume from another "
+                                         f"checkpoint or start anew") from None
 
 
 def diverged(loss: float, step: int, ckpt_path: Path) -> UserError:
