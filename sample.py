@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from ddpm import cli
-from ddpm.config import UserError
+from ddpm.config import MAX_GRID_IMAGES, UserError
 from ddpm.runtime import resolve_device
 from ddpm.sample import load_model, write_samples
 
@@ -30,6 +30,9 @@ def main():
     with cli.user_errors("sample.py"):
         if not args.out.strip():
             raise UserError("--out needs a directory name, e.g. --out samples")
+        if args.n is not None and args.n > MAX_GRID_IMAGES:
+            raise UserError(f"--n {args.n} is more than one grid holds ({MAX_GRID_IMAGES}); "
+                            "pass a smaller --n, or score many samples with evaluate.py --n")
         device = resolve_device(args.device)
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
         cfg = cli.with_sample_overrides(cfg, sampler=args.sampler, steps=args.steps, eta=args.eta,

@@ -1,5 +1,7 @@
 """Checkpoints: atomic writes, validated loads, the state a resumed run needs."""
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +39,15 @@ def load(path: Path, map_location="cpu") -> dict:
         what = "is a directory" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {path} {what}; pass the checkpoint.pt inside a run's out dir")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would precede the one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"checkpoint {path} cannot be read ({config_lib.describe(e)}); "
+                                  f"it is truncated or not a checkpoint of this toolkit: use another one") from None
+        raise CheckpointError(f"{path} holds Python objects besides tensors, so it is not a checkpoint of this "
+                              f"toolkit (which loads only tensors and plain values); use a checkpoint.pt written by train.py") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} cannot be read ({config_lib.describe(e)}); "
                               f"it is truncated or not a checkpoint of this toolkit: use another one") from None

@@ -28,6 +28,21 @@ class ConfigError(UserError):
     """A configuration the toolkit cannot run; the message says what is wrong and what to do."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 @dataclass
 class ModelConfig:
     base_channels: int = 64
@@ -105,6 +120,8 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+MAX_GRID_IMAGES = 1024  # one picture (and its GIF) of 32x32 digits; evaluate.py scores more, in batches
 
 CHOICES = {
     "model.kernels": ("auto", "torch", "triton"),
@@ -202,7 +219,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
             what = "is a directory" if path.is_dir() else "does not exist"
             raise ConfigError(f"config file {path} {what}; pass a YAML file (see configs/ for examples)")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
         if values is not None and not isinstance(values, dict):
@@ -258,10 +275,10 @@ def validate(cfg: Config) -> None:
     require(0 <= tr.seed < 2 ** 32, f"train.seed must lie in [0, 2**32), got {tr.seed}")
     require(tr.out_dir.strip() != "", "train.out_dir must name a directory, got ''")
     require(tr.batch_size >= 1, f"train.batch_size must be >= 1, got {tr.batch_size}")
-    require(tr.lr > 0, f"train.lr must be > 0, got {tr.lr}")
+    require(0 < tr.lr <= 1, f"train.lr must lie in (0, 1], got {tr.lr}")
     require(len(tr.adam_betas) == 2 and all(0 <= b < 1 for b in tr.adam_betas),
             f"train.adam_betas must be two numbers in [0, 1), got {tr.adam_betas}")
-    require(tr.weight_decay >= 0, f"train.weight_decay must be >= 0, got {tr.weight_decay}")
+    require(0 <= tr.weight_decay <= 1, f"train.weight_decay must lie in [0, 1], got {tr.weight_decay}")
     require(tr.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {tr.grad_clip}")
     require(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {tr.warmup_steps}")
     require(0 <= tr.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {tr.ema_decay}")
@@ -273,7 +290,8 @@ def validate(cfg: Config) -> None:
             f"train.device must be auto, cpu, cuda or cuda:N, got {tr.device!r}")
     require(1 <= s.steps <= d.timesteps, f"sample.steps must lie in [1, diffusion.timesteps={d.timesteps}], got {s.steps}")
     require(0 <= s.eta <= 1, f"sample.eta must lie in [0, 1] (0: deterministic DDIM, 1: ancestral), got {s.eta}")
-    require(s.num_images >= 1, f"sample.num_images must be >= 1, got {s.num_images}")
+    require(1 <= s.num_images <= MAX_GRID_IMAGES,
+            f"sample.num_images must lie in [1, {MAX_GRID_IMAGES}] (the images of one grid), got {s.num_images}")
     require(1 <= s.streams <= 16, f"sample.streams must lie in [1, 16] (1: one stream), got {s.streams}")
 
 

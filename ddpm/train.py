@@ -82,6 +82,16 @@ def diverged(loss: float, step: int, ckpt_path: Path) -> UserError:
                      f"train.grad_clip")
 
 
+class _ExtrasInterrupted(Exception):
+    """A signal arrived while training drew its sample grid or evaluated: both are dropped."""
+
+
+def save_checkpoint(trainer, done: int, ckpt_path: Path, window: torch.Tensor) -> None:
+    if not torch.isfinite(window[0]):  # the loss of the steps since the last log; a save waits for the GPU anyway
+        raise diverged(window[0].item(), done, ckpt_path)
+    checkpoint.save(trainer.state_dict(done), ckpt_path)
+
+
 def start_out_dir(cfg, replace: bool) -> None:
     """Once the run is set up: clear the run it replaces (--overwrite), save the config."""
     out = Path(cfg.train.out_dir)
@@ -248,9 +258,19 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     window = torch.zeros(3, device=device)
     window_start = time.perf_counter()
     # Ctrl-C / SIGTERM: finish the step (under DDP: the logging window, so all ranks agree), save, stop.
+    # A sample grid or evaluation under way is cut short: it computes nothing the run keeps. A
+    # second signal stops at once, keeping the last checkpoint (its writes are atomic).
     stop_signal = []
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
+    in_extras = False
+
+    def on_signal(signum, frame):
+        if stop_signal:
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+        if in_extras:
+            raise _ExtrasInterrupted
+
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start, t.steps):
             window[0] += trainer.step(step)
@@ -280,18 +300,28 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                         print(f"step {done}/{t.steps}  loss {mean_loss:.4f}  {images_per_s:.0f} images/s", file=sys.stderr)
                 window.zero_()
                 window_start = time.perf_counter()
+            saved = False
             if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
-                if not torch.isfinite(window[0]):  # steps since the last log; a save waits for the GPU anyway
-                    raise diverged(window[0].item(), done, ckpt_path)
-                checkpoint.save(trainer.state_dict(done), ckpt_path)  # first: a failing evaluation loses nothing
-            if world.is_main and t.sample_every and done % t.sample_every == 0:
-                x = sample_grid(trainer.ema.module, trainer.diffusion, cfg.data.image_size)
-                writer.add_image("samples/ema_ddim50", make_grid(to_unit(x).cpu(), nrow=4, pad_value=1.0), done)
-            if world.is_main and t.eval_every and done % t.eval_every == 0:
-                from ddpm.eval import quick_score  # torchmetrics only when asked for
-                for name, value in quick_score(trainer.ema.module, cfg, device).items():
-                    if isinstance(value, (int, float)):
-                        writer.add_scalar(f"eval/{name}", value, done)
+                save_checkpoint(trainer, done, ckpt_path, window)  # first: a failing evaluation loses nothing
+                saved = True
+            if world.is_main and not stop_signal:
+                try:
+                    in_extras = True
+                    if t.sample_every and done % t.sample_every == 0:
+                        x = sample_grid(trainer.ema.module, trainer.diffusion, cfg.data.image_size)
+                        writer.add_image("samples/ema_ddim50", make_grid(to_unit(x).cpu(), nrow=4, pad_value=1.0), done)
+                    if t.eval_every and done % t.eval_every == 0:
+                        from ddpm.eval import quick_score  # torchmetrics only when asked for
+                        for name, value in quick_score(trainer.ema.module, cfg, device).items():
+                            if isinstance(value, (int, float)):
+                                writer.add_scalar(f"eval/{name}", value, done)
+                except _ExtrasInterrupted:
+                    print(f"sample grid / evaluation at step {done} cut short by the signal", file=sys.stderr)
+                finally:
+                    in_extras = False
+                stop = stop or (bool(stop_signal) and not world.distributed)
+                if stop and not saved:
+                    save_checkpoint(trainer, done, ckpt_path, window)
             if stop:
                 bar.close()
                 if world.is_main:

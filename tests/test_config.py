@@ -48,8 +48,10 @@ def test_seed_config_matches_the_seed():
     ("model.time_hidden_mult=0", "model.time_hidden_mult must be > 0"),
     ("data.image_size=24", "data.image_size must be >= 28"),
     ("train.steps=0", "train.steps must be >= 1"),
-    ("train.lr=0", "train.lr must be > 0"),
-    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
+    ("train.lr=0", "train.lr must lie in (0, 1]"),
+    ("train.lr=1e300", "train.lr must lie in (0, 1]"),  # Adam's update overflowed fp32 at the first step
+    ("train.weight_decay=-0.1", "train.weight_decay must lie in [0, 1]"),
+    ("train.weight_decay=1e308", "train.weight_decay must lie in [0, 1]"),
     ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
     ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
     ("train.ema_decay=1", "train.ema_decay must lie in [0, 1)"),
@@ -66,7 +68,8 @@ def test_seed_config_matches_the_seed():
     ("train.seed=99999999999999999999", "train.seed is too large"),
     ("train.out_dir=''", "train.out_dir must name a directory"),
     ("diffusion.timesteps=1000000", "diffusion.timesteps must be at most 100000"),
-    ("sample.num_images=0", "sample.num_images must be >= 1"),
+    ("sample.num_images=0", "sample.num_images must lie in [1, 1024]"),
+    ("sample.num_images=1025", "sample.num_images must lie in [1, 1024]"),
     ("sample.streams=0", "sample.streams must lie in [1, 16]"),
     ("sample.streams=17", "sample.streams must lie in [1, 16]"),
     ("model.time_embed_dim=255", "model.time_embed_dim must be a positive even number"),
@@ -109,6 +112,12 @@ def test_missing_and_malformed_files(tmp_path):
         bad.write_text(top_level)
         with pytest.raises(config.ConfigError, match="must be a mapping of sections"):
             config.load(bad)
+    bad.write_text("train:\n  steps: 5\n  lr: 1e-3\n  steps: 50\n")
+    with pytest.raises(config.ConfigError, match=r"not valid YAML \(key 'steps' appears twice in one mapping \(line 4\); keep one\)"):
+        config.load(bad)
+    bad.write_text("train:\n  steps: 5\ntrain:\n  lr: 1e-3\n")
+    with pytest.raises(config.ConfigError, match="key 'train' appears twice"):
+        config.load(bad)
     bad.write_bytes(b"train:\n  steps: \xff\xfe\n")
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(bad)

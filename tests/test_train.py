@@ -1,9 +1,11 @@
 import os
+import pickle
 import signal
 import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -127,21 +129,23 @@ def test_run_dirs_that_cannot_be_made_and_damaged_training_states_fail_in_one_li
 
 def test_a_diverging_run_stops_without_saving_its_nan_weights(tmp_path, monkeypatch):
     from ddpm.config import UserError
-    with pytest.raises(UserError, match="the loss is nan by step 2: training diverged .no checkpoint was written"):
-        train(ci_config(tmp_path / "new", "train.lr=1e10", "train.log_every=2"), progress=False)
-    assert not (tmp_path / "new" / "checkpoint.pt").exists()
-    # between two logs: the checkpoint's own check keeps the last good one
-    run = tmp_path / "run"
-    common = ["train.log_every=20", "train.checkpoint_every=2"]
-    train(ci_config(run, "train.steps=2", *common), progress=False)
-    before = (run / "checkpoint.pt").read_bytes()
     step = Trainer.step
 
-    def poisoned(self, i):
+    def poisoned(self, i):  # what lr=1e10 did, before train.lr was bounded
         loss = step(self, i)
         with torch.no_grad():
             next(self.net.parameters()).fill_(float("nan"))
         return loss
+    monkeypatch.setattr(Trainer, "step", poisoned)
+    with pytest.raises(UserError, match="the loss is nan by step 2: training diverged .no checkpoint was written"):
+        train(ci_config(tmp_path / "new", "train.log_every=2"), progress=False)
+    assert not (tmp_path / "new" / "checkpoint.pt").exists()
+    # between two logs: the checkpoint's own check keeps the last good one
+    monkeypatch.setattr(Trainer, "step", step)
+    run = tmp_path / "run"
+    common = ["train.log_every=20", "train.checkpoint_every=2"]
+    train(ci_config(run, "train.steps=2", *common), progress=False)
+    before = (run / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(Trainer, "step", poisoned)
     with pytest.raises(UserError, match="by step 4: training diverged .* holds the last checkpoint before it"):
         train(ci_config(run, "train.steps=40", *common), resume=True, progress=False)
@@ -227,6 +231,44 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert checkpoint.load(out / "checkpoint.pt")["step"] == step + 2
 
 
+def test_sigint_cuts_an_evaluation_short_and_saves_the_step(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during train.eval_every's evaluation (the first trains a classifier: minutes) stops at
+    once instead of after it; the step it followed is saved."""
+    import ddpm.eval
+
+    def slow_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(60)
+        raise AssertionError("the signal did not cut the evaluation short")
+
+    monkeypatch.setattr(ddpm.eval, "quick_score", slow_evaluation)
+    cfg = ci_config(tmp_path / "run", "train.steps=50", "train.eval_every=3", "train.checkpoint_every=100")
+    start, handler = time.perf_counter(), signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    assert time.perf_counter() - start < 30
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 3
+    err = capsys.readouterr().err
+    assert "evaluation at step 3 cut short" in err and "stopped by signal after step 3" in err
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_second_sigint_stops_at_once_keeping_the_last_checkpoint(tmp_path, monkeypatch):
+    """Two signals within a step: the second does not wait for the step; the checkpoint before stands."""
+    step = Trainer.step
+
+    def step_with_two_signals(self, i):
+        if i == 4:  # steps 1..4 done, checkpoint at 4 written; this is the 5th
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, i)
+
+    monkeypatch.setattr(Trainer, "step", step_with_two_signals)
+    with pytest.raises(KeyboardInterrupt):
+        train(ci_config(tmp_path / "run", "train.steps=50", "train.checkpoint_every=2"), progress=False)
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+
+
 def test_sample_cli_writes_grid_gif_and_forward_figure(tmp_path):
     ckpt = train(ci_config(tmp_path / "run", "train.steps=2"), progress=False)
     out = tmp_path / "pictures"
@@ -294,6 +336,8 @@ def test_sample_cli_bad_checkpoints(tmp_path, capsys, monkeypatch):
     assert "does not match the model" in line
     result = run_sample_main(capsys, monkeypatch, "--ckpt", str(ckpt), "--out", str(tmp_path), "--n", "0")
     assert "--n" in assert_one_line_error(result, "sample.py") and len(result.stderr.strip().splitlines()) == 1
+    assert "--n 100000 is more than one grid holds (1024)" in error_of("--ckpt", str(ckpt), "--out", str(tmp_path),
+                                                                       "--n", "100000")
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     assert "cannot be read (EOFError" in error_of("--ckpt", str(empty), "--out", str(tmp_path))
@@ -323,6 +367,12 @@ def test_sample_cli_bad_checkpoints(tmp_path, capsys, monkeypatch):
     torch.save(state, malformed)
     line = error_of("--ckpt", str(malformed), "--out", str(tmp_path))
     assert "does not match the model" in line
+    pickled = tmp_path / "pickled.pt"  # pickle's protocol 4 made torch warn before the error
+    pickled.write_bytes(pickle.dumps({"model": object()}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = error_of("--ckpt", str(pickled), "--out", str(tmp_path))
+    assert "holds Python objects besides tensors" in line and not caught, [str(w.message) for w in caught]
     bare = tmp_path / "bare.pt"  # a bare state dict, as torch.save(model.state_dict()) writes
     torch.save(torch.load(ckpt, weights_only=True)["model"], bare)
     line = error_of("--ckpt", str(bare), "--out", str(tmp_path))
