@@ -1,4 +1,6 @@
 """Train a DDPM: python train.py --config configs/mnist.yaml [key=value ...] [--resume | --overwrite]"""
+import os
+
 from ddpm import cli, config
 from ddpm.train import train
 
@@ -15,7 +17,8 @@ def main():
     with cli.user_errors("train.py"):
         cfg = config.load(args.config, args.overrides)
         ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-        print(f"done: {ckpt}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+            print(f"done: {ckpt}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """torchrun / DDP set-up. One process per GPU (or per CPU process with gloo); rank 0 alone writes."""
 import contextlib
+import inspect
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+_DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,17 @@ def wrap(module: torch.nn.Module, device: torch.device) -> DistributedDataParall
     device_ids = None
     if device.type == "cuda":
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    # The one buffer, the sinusoid frequencies, is a constant: no broadcast before each forward
+    # (torch >= 2.13 names that forward_sync_buffers and deprecates broadcast_buffers=False).
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_PARAMETERS
+                      else {"broadcast_buffers": False})
+    # The compiled backward gives the input convolution's [C, 1, 3, 3] weight the gradient strides
+    # (9, 1, 3, 1), DDP's bucket view has (9, 9, 3, 1): the same memory, since a size-1 dimension's
+    # stride is never used, but DDP compares strides and warns of a slow copy at every run.
+    warnings.filterwarnings("ignore", message=r"(?s)Grad strides do not match bucket view strides"
+                                              r".*grad\.sizes\(\) = \[\d+, 1, 3, 3\]")
     return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True, static_graph=True,
-                                   broadcast_buffers=False)  # the one buffer, the sinusoid frequencies, is a constant
+                                   **no_buffer_sync)
 
 
 @contextlib.contextmanager

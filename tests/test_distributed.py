@@ -45,7 +45,10 @@ def test_ddp_around_the_compiled_unet_trains_as_the_eager_ddp_run(tmp_path, monk
     (tmp_path / "eager").mkdir()
     (tmp_path / "compiled").mkdir()
     torchrun(2, "tests/ddp_worker.py", tmp_path / "eager", 3)
-    torchrun(2, "tests/ddp_worker.py", tmp_path / "compiled", 3, "train.compile=default")
+    result = torchrun(2, "tests/ddp_worker.py", tmp_path / "compiled", 3, "train.compile=default")
+    # DDP's false alarm over the input convolution's gradient strides, and its deprecation of
+    # broadcast_buffers (torch >= 2.13), are not printed at every run
+    assert "Grad strides do not match" not in result.stderr and "broadcast_buffers" not in result.stderr, result.stderr
     load = lambda run, name: torch.load(tmp_path / run / f"{name}.pt")  # noqa: E731
     for rank in (0, 1):
         assert (tmp_path / "compiled" / f"graphs-world2-rank{rank}.txt").read_text() == "1"
@@ -68,7 +71,7 @@ def test_ddp_run_resumes_with_another_world_size(tmp_path):
     out = tmp_path / "run"
     common = ["--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={out}", "train.batch_size=8"]
     result = torchrun(2, "train.py", *common, "train.steps=4")
-    assert "training on 2 x cpu" in result.stderr
+    assert "training on 2 x cpu" in result.stderr and result.stdout.count("done:") == 1, result.stdout
     assert checkpoint.load(out / "checkpoint.pt")["step"] == 4
     # rank 0 logs the global batch's loss (summed across the ranks), as one process would
     single = subprocess.run([sys.executable, "train.py", *common, f"train.out_dir={tmp_path / 'single'}", "train.steps=4"],
