@@ -2,9 +2,11 @@
 
 Draws --n samples (EMA weights) and scores them in the feature space of a small classifier that
 the project trains on the dataset's training split and caches ($DDPM_CACHE_DIR, else
-~/.cache/ddpm-mnist): Fréchet distance, KID, recognizability (share of samples whose top class
-probability exceeds 0.9) and the class histogram's total variation distance from uniform. Each
-score is printed beside its real-vs-real floor (training split vs test split, same count)."""
+$XDG_CACHE_HOME/ddpm-mnist, else ~/.cache/ddpm-mnist): Fréchet distance, KID, recognizability
+(share of samples whose top class probability exceeds 0.9) and the class histogram's total
+variation distance from uniform. Each score is printed beside its real-vs-real floor (the test
+split against the training split, same count; for the offline subset, its held-out half against
+the other)."""
 import argparse
 import json
 import os

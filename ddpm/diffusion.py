@@ -85,9 +85,10 @@ class Diffusion:
                           s["posterior_mean_x0"][steps], s["posterior_mean_xt"][steps], var[steps])
 
     def ddim_plan(self, num_steps: int = 50, eta: float = 0.0) -> SamplerPlan:
-        """DDIM (Song et al. eq. 12) on num_steps evenly spaced timesteps, with eps re-derived from the
-        (clipped) x0 so that the step is linear in (x0, x_t): eta = 1 over all T steps is the ancestral
-        step with beta tilde."""
+        """DDIM (Song et al. eq. 12) on num_steps timesteps from T-1 to 0, evenly spaced to the
+        nearest integer (gaps of 20 or 21 for 50 of 1000; never a timestep twice), with eps
+        re-derived from the (clipped) x0 so that the step is linear in (x0, x_t): eta = 1 over all
+        T steps is the ancestral step with beta tilde."""
         abar = self.schedule64["alphas_cumprod"]
         steps = torch.linspace(self.timesteps - 1, 0, num_steps, dtype=torch.float64).round().long()
         abar_t = abar[steps]

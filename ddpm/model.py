@@ -1,6 +1,6 @@
 """The seed's UNet, generalised by config: width, depth, time-embedding size, heads, attention placement.
 
-Each "GroupNorm -> (+ time bias) -> SiLU" is one call to kernels.fused_group_norm and the attention
+Each "(+ time bias) -> GroupNorm -> SiLU" is one call to kernels.fused_group_norm and the attention
 core one call to kernels.attention_core, so a backend switch swaps fused Triton ops in without touching
 the parameters: checkpoints are interchangeable between backends.
 """

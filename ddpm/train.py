@@ -1,4 +1,4 @@
-"""The training loop: resident data -> UNet -> epsilon MSE -> Adam -> EMA, with checkpoints,
+"""The training loop: data (data.loader) -> UNet -> epsilon MSE -> Adam -> EMA, with checkpoints,
 TensorBoard logs and a progress bar. Counted in optimizer steps; resumable to the same weights."""
 import math
 import os

@@ -1,4 +1,5 @@
-"""The project's fused ops. Each takes `backend`: "torch" (kernels/reference.py) or "triton".
+"""The project's fused ops. Each takes `backend`: "torch" (kernels/reference.py) or "triton"
+(attention_core also "sdpa": PyTorch's scaled_dot_product_attention).
 
 Nothing here imports ddpm/: the model chooses a backend and calls these functions. Their names
 differ from the op modules' (group_norm_silu.py, attention.py) on purpose: importing a submodule
