@@ -6,6 +6,7 @@ dali (an NVIDIA DALI pipeline, on the GPU when there is one) and dataloader (a t
 DataLoader converting item by item on the CPU, the seed's baseline).
 """
 import gzip
+import hashlib
 import importlib.util
 import math
 import struct
@@ -34,6 +35,12 @@ class Digits:
     images: torch.Tensor   # uint8 [N, 28, 28]
     labels: torch.Tensor   # int64 [N]
     description: str
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint records of the images it was trained on, so that a resumed run can tell
+        that it reads the same ones (wherever data.dir now points)."""
+        images = self.images.contiguous().numpy()
+        return {"images": len(images), "sha256": hashlib.sha256(memoryview(images).cast("B")).hexdigest()}
 
 
 # ---- IDX files ---------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ from ddpm.diffusion import Diffusion
 from ddpm.sample import to_unit
 
 # Keys a resumed run may change: how long it runs, how it reports, and how it runs on this machine
-# (backends, precision, compilation, loader: the same math), not what it computes.
+# (backends, precision, compilation, loader, where the data lies: the same math), not what it
+# computes. The data read must be the data the run was trained on (check_same_data).
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
                      "train.eval_every", "train.device", "train.out_dir", "train.precision", "train.compile",
-                     "model.kernels", "model.attention", "data.loader", "sample.sampler", "sample.steps",
+                     "model.kernels", "model.attention", "data.loader", "data.dir", "sample.sampler", "sample.steps",
                      "sample.eta", "sample.variance", "sample.clip_x0", "sample.num_images", "sample.precision",
                      "sample.compile", "sample.cuda_graph", "sample.streams"}
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -65,6 +66,18 @@ def check_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
     return None
 
 
+def check_same_data(state: dict, fingerprint: dict, digits, cfg, path) -> None:
+    """A resumed run reads the images its checkpoint was trained on (checkpoints before this check
+    recorded none). data.dir may have moved; its files may not have changed, nor may data.source=auto
+    have fallen back to another source for want of them."""
+    trained_on = state.get("data")
+    if trained_on is None or trained_on == fingerprint:
+        return
+    count = f"{trained_on['images']:,} images" if isinstance(trained_on, dict) and "images" in trained_on else "images"
+    raise RunDirError(f"the run in {path.parent} was trained on other {count} than data.dir={cfg.data.dir} gives now "
+                      f"({digits.description}: {len(digits.images):,}); point data.dir at the run's data")
+
+
 def restore(trainer, state: dict, path) -> int:
     """trainer.load_state_dict, with a damaged training state (optimizer, scheduler, generator, EMA
     count) as one line: the checkpoint's keys are there, their contents are not what was saved."""
@@ -86,10 +99,10 @@ class _ExtrasInterrupted(Exception):
     """A signal arrived while training drew its sample grid or evaluated: both are dropped."""
 
 
-def save_checkpoint(trainer, done: int, ckpt_path: Path, window: torch.Tensor) -> None:
+def save_checkpoint(trainer, done: int, ckpt_path: Path, window: torch.Tensor, data_fingerprint: dict) -> None:
     if not torch.isfinite(window[0]):  # the loss of the steps since the last log; a save waits for the GPU anyway
         raise diverged(window[0].item(), done, ckpt_path)
-    checkpoint.save(trainer.state_dict(done), ckpt_path)
+    checkpoint.save({**trainer.state_dict(done), "data": data_fingerprint}, ckpt_path)
 
 
 def start_out_dir(cfg, replace: bool) -> None:
@@ -235,10 +248,13 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     # data, then sends both to the other ranks: they all train on the same digits, and other
     # nodes need neither the data nor the run dir. Nothing is written or deleted until the run
     # is set up, so bad input costs no earlier work.
-    resumed = digits = None
+    resumed = digits = data_fingerprint = None
     if world.is_main:
         resumed = check_out_dir(cfg, resume, overwrite)
         digits = data.load_digits(cfg.data, train=True)
+        data_fingerprint = digits.fingerprint()
+        if resumed is not None:
+            check_same_data(resumed, data_fingerprint, digits, cfg, ckpt_path)
         if t.eval_every:
             from ddpm.eval import real_splits  # torchmetrics only when asked for
             real_splits(cfg.data)  # a missing test split stops now, not at the first evaluation
@@ -302,7 +318,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 window_start = time.perf_counter()
             saved = False
             if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
-                save_checkpoint(trainer, done, ckpt_path, window)  # first: a failing evaluation loses nothing
+                save_checkpoint(trainer, done, ckpt_path, window, data_fingerprint)  # first: a failing evaluation loses nothing
                 saved = True
             if world.is_main and not stop_signal:
                 try:
@@ -321,7 +337,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                     in_extras = False
                 stop = stop or (bool(stop_signal) and not world.distributed)
                 if stop and not saved:
-                    save_checkpoint(trainer, done, ckpt_path, window)
+                    save_checkpoint(trainer, done, ckpt_path, window, data_fingerprint)
             if stop:
                 bar.close()
                 if world.is_main:

@@ -212,6 +212,43 @@ def test_resume_refuses_other_settings_and_missing_runs(tmp_path):
     assert checkpoint.load(train(ci_config(tmp_path / "r", "train.steps=2"), overwrite=True, progress=False))["step"] == 2
 
 
+def write_idx_digits(folder: Path, images: torch.Tensor) -> None:
+    folder.mkdir(parents=True)
+    for name, array in (("train-images-idx3-ubyte", images),
+                        ("train-labels-idx1-ubyte", torch.arange(len(images), dtype=torch.uint8) % 10)):
+        header = struct.pack(">BBBB", 0, 0, 0x08, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape)
+        (folder / name).write_bytes(header + array.numpy().tobytes())
+
+
+def test_resume_follows_moved_data_but_refuses_other_data(tmp_path, monkeypatch):
+    from ddpm.config import UserError
+    images = torch.randint(0, 256, (64, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    write_idx_digits(tmp_path / "data", images)
+    run = tmp_path / "run"
+    on = lambda folder, steps: ci_config(run, "data.source=auto", f"data.dir={folder}", f"train.steps={steps}")  # noqa: E731
+    train(on(tmp_path / "data", 1), progress=False)
+    assert checkpoint.load(run / "checkpoint.pt")["data"]["images"] == 64
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert checkpoint.load(train(on(tmp_path / "moved", 2), resume=True, progress=False))["step"] == 2
+    changed = images.clone()
+    changed[5, 14, 14] ^= 1  # one pixel
+    write_idx_digits(tmp_path / "other", changed)
+    with pytest.raises(UserError, match=r"was trained on other 64 images than data.dir=.*other gives now .*: 64\); "
+                                        r"point data.dir at the run's data"):
+        train(on(tmp_path / "other", 3), resume=True, progress=False)
+    # data.source=auto without the run's files (and offline) falls back to the offline subset: refused too
+    def offline(*args):
+        raise OSError("no network")
+    monkeypatch.setattr(data, "load_torchvision", offline)
+    with pytest.raises(UserError, match="trained on other 64 images .*offline subset"):
+        train(on(tmp_path / "nothing", 3), resume=True, progress=False)
+    # checkpoints written before the data was recorded resume as before
+    state = checkpoint.load(run / "checkpoint.pt")
+    del state["data"]
+    checkpoint.save(state, run / "checkpoint.pt")
+    assert checkpoint.load(train(on(tmp_path / "other", 3), resume=True, progress=False))["step"] == 3
+
+
 def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/ci.yaml", "--no-progress",
