@@ -6,7 +6,6 @@ compare their losses; optionally score both with ddpm.eval.
 Real digits when the run's data source has them (the offline subset at least), so the losses mean
 something. Prints a table and writes loss_comparison.json (and .md) to --out.
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -39,14 +38,24 @@ def run(cfg, device, images, steps: int, window: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="bench.compare_losses", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist.yaml")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--window", type=int, default=100, help="steps averaged per loss point; the first window is not timed")
-    parser.add_argument("--eval-samples", type=int, default=0, help="score both runs' EMA weights with ddpm.eval (0: skip)")
+    parser.add_argument("--steps", type=cli.positive, default=2000)
+    parser.add_argument("--window", type=cli.positive, default=100,
+                        help="steps averaged per loss point; the first window is not timed")
+    parser.add_argument("--eval-samples", type=cli.non_negative, default=0,
+                        help="score both runs' EMA weights with ddpm.eval (0: skip)")
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("overrides", nargs="*", help="config overrides for both runs")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
+    args = parser.parse_intermixed_args()
+    with cli.user_errors("bench.compare_losses"):
+        compare(args)
+
+
+def compare(args) -> None:
+    if args.steps < 2 * args.window:
+        raise config.UserError(f"--steps {args.steps} leaves no timed window after the first of --window "
+                               f"{args.window}; pass --steps of at least {2 * args.window}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = config.load(args.config, [*args.overrides, f"train.device={device.type}"])
     try:
@@ -56,7 +65,10 @@ def main():
         images, description = synthetic_digits(60_000), f"synthetic digits ({e})"
         args.eval_samples = 0
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission: before minutes of training
+        raise config.UserError(f"--out {out} cannot be made a directory ({e.strerror}); pass another --out") from None
     results = {}
     for name, overrides in (("eager-fp32", EAGER), ("default", [])):
         cfg = config.load(args.config, [*args.overrides, *overrides, f"train.device={device.type}"])

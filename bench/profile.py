@@ -9,13 +9,12 @@ PyTorch Profiler tab (torch-tb-profiler, in the dev extra; deprecated upstream).
 of each phase are printed as a table. --train-steps 0 profiles sampling alone; with
 sample.cuda_graph=disabled the compiled step's kernels show one by one.
 """
-import argparse
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-from ddpm import config, data
+from ddpm import cli, config, data
 from ddpm.sample import FastStep
 from ddpm.train import Trainer
 
@@ -38,17 +37,24 @@ def trace(name: str, out: Path, steps: int, fn, device, sort_by: str, rows: int)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="bench.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist.yaml")
-    parser.add_argument("--train-steps", type=int, default=10)
-    parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=15, help="operators in each printed table")
+    parser.add_argument("--train-steps", type=cli.non_negative, default=10, help="0: sampling alone")
+    parser.add_argument("--sample-steps", type=cli.positive, default=20)
+    parser.add_argument("--rows", type=cli.positive, default=15, help="operators in each printed table")
     parser.add_argument("--out", default="runs/profile")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args()
+    with cli.user_errors("bench.profile"):
+        profile_run(args)
+
+
+def profile_run(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config.load(args.config, [*args.overrides, f"train.device={device.type}"])
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise config.UserError(f"--out {out} is a file; pass a directory for the traces")
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
 
     trainer = Trainer(cfg, device, data.load_digits(cfg.data).images)

@@ -56,6 +56,13 @@ def positive(text: str) -> int:
     return value
 
 
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_sampling_runtime_args(parser: argparse.ArgumentParser) -> None:
     """--precision, --compile, --cuda-graph, --streams: how the denoising step runs (default: the checkpoint config's)."""
     parser.add_argument("--precision", choices=CHOICES["sample.precision"],

@@ -122,6 +122,28 @@ def test_make_profile_writes_traces_for_tensorboard_and_prints_the_top_operators
         assert op in names, phase
 
 
+@pytest.mark.parametrize("tool, args, message", [
+    ("profile", ["--config", "nonexist.yaml"], "config file nonexist.yaml does not exist"),
+    ("profile", ["--rows", "0"], "argument --rows: must be >= 1, got 0"),
+    ("profile", ["--train-steps", "-1"], "argument --train-steps: must be >= 0, got -1"),
+    ("profile", ["--out", "{file}"], "is a file; pass a directory for the traces"),
+    ("profile", ["--config", "configs/ci.yaml", "train.lr=fast"], "train.lr must be float"),
+    ("compare_losses", ["--steps", "10", "--window", "10"], "--steps 10 leaves no timed window after the first"),
+    ("compare_losses", ["--window", "0"], "argument --window: must be >= 1, got 0"),
+    ("compare_losses", ["--config", "configs/ci.yaml", "--steps", "4", "--window", "2", "--out", "{file}/x"],
+     "cannot be made a directory"),
+])
+def test_the_bench_tools_refuse_bad_input_in_one_line(tool, args, message, tmp_path, monkeypatch, capsys):
+    import importlib
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(sys, "argv", [tool, *(a.replace("{file}", str(tmp_path / "file")) for a in args)])
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"bench.{tool}").main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(f"bench.{tool}: error: "), err
+    assert message in err, err
+
+
 def test_the_loss_comparison_of_two_identical_paths_finds_no_difference(tmp_path):
     """On a CPU the default path is eager fp32: the same seed must give the very same losses."""
     result = subprocess.run([sys.executable, "-m", "bench.compare_losses", "--config", "configs/ci.yaml", "--steps", "20",
