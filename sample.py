@@ -7,9 +7,9 @@ import argparse
 import torch
 
 from ddpm import cli
-from ddpm.config import MAX_GRID_IMAGES, UserError
+from ddpm.config import UserError
 from ddpm.runtime import resolve_device
-from ddpm.sample import load_model, write_samples
+from ddpm.sample import MAX_GRID_IMAGES, load_model, write_samples
 
 
 def main():
@@ -30,9 +30,6 @@ def main():
     with cli.user_errors("sample.py"):
         if not args.out.strip():
             raise UserError("--out needs a directory name, e.g. --out samples")
-        if args.n is not None and args.n > MAX_GRID_IMAGES:
-            raise UserError(f"--n {args.n} is more than one grid holds ({MAX_GRID_IMAGES}); "
-                            "pass a smaller --n, or score many samples with evaluate.py --n")
         device = resolve_device(args.device)
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
         cfg = cli.with_sample_overrides(cfg, sampler=args.sampler, steps=args.steps, eta=args.eta,
@@ -40,8 +37,13 @@ def main():
                                         precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
                                         streams=args.streams)
         cli.check_sampler_options(cfg.sample.sampler, steps=args.steps, eta=args.eta, variance=args.variance)
+        n = args.n or cfg.sample.num_images
+        if n > MAX_GRID_IMAGES:
+            given = f"--n {n}" if args.n else f"the checkpoint's sample.num_images={n}"
+            raise UserError(f"{given} is more than one grid holds ({MAX_GRID_IMAGES}); pass a smaller --n, "
+                            "or score many samples with evaluate.py --n")
         with torch.inference_mode():
-            paths = write_samples(net, cfg, args.out, device, args.n or cfg.sample.num_images, args.seed)
+            paths = write_samples(net, cfg, args.out, device, n, args.seed)
         print(f"{cfg.sample.sampler} samples from step {step}: " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -43,11 +43,14 @@ def load(path: Path, map_location="cpu") -> dict:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"checkpoint {path} cannot be read ({config_lib.describe(e)}); "
-                                  f"it is truncated or not a checkpoint of this toolkit: use another one") from None
-        raise CheckpointError(f"{path} holds Python objects besides tensors, so it is not a checkpoint of this "
-                              f"toolkit (which loads only tensors and plain values); use a checkpoint.pt written by train.py") from None
+        if "Unsupported global" in str(e):  # the weights-only unpickler met a class
+            raise CheckpointError(f"{path} holds Python objects besides tensors, so it is not a checkpoint of this "
+                                  f"toolkit (which loads only tensors and plain values); use a checkpoint.pt written "
+                                  f"by train.py") from None
+        # the first line of torch's refusal is about its weights_only default, not about the file
+        reason = "torch's weights-only unpickler refused it" if "Weights only load failed" in str(e) else config_lib.describe(e)
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); "
+                              f"it is truncated or not a checkpoint of this toolkit: use another one") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} cannot be read ({config_lib.describe(e)}); "
                               f"it is truncated or not a checkpoint of this toolkit: use another one") from None

@@ -39,8 +39,7 @@ class Digits:
     def fingerprint(self) -> dict:
         """What a checkpoint records of the images it was trained on, so that a resumed run can tell
         that it reads the same ones (wherever data.dir now points)."""
-        images = self.images.contiguous().numpy()
-        return {"images": len(images), "sha256": hashlib.sha256(memoryview(images).cast("B")).hexdigest()}
+        return {"images": len(self.images), "sha256": hashlib.sha256(self.images.contiguous().numpy().tobytes()).hexdigest()}
 
 
 # ---- IDX files ---------------------------------------------------------------------------------

@@ -193,6 +193,9 @@ def forward_diffusion_figure(diffusion: Diffusion, image: torch.Tensor, path: Pa
     save_image(to_unit(diffusion.q_sample(x0, steps, noise)).cpu(), path, nrow=columns, padding=2, pad_value=1.0)
 
 
+MAX_GRID_IMAGES = 1024  # one picture (and its GIF) of 32x32 digits; evaluate.py scores more, in batches
+
+
 def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, gif_frames: int = 40) -> dict:
     """Sample num_images with cfg.sample's sampler; write samples.png, denoising.gif, forward.png."""
     out_dir = Path(out_dir)

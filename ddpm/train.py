@@ -95,8 +95,10 @@ def diverged(loss: float, step: int, ckpt_path: Path) -> UserError:
                      f"train.grad_clip")
 
 
-class _ExtrasInterrupted(Exception):
-    """A signal arrived while training drew its sample grid or evaluated: both are dropped."""
+class _ExtrasInterrupted(BaseException):
+    """A signal arrived while training drew its sample grid or evaluated: both are dropped. A
+    BaseException, as KeyboardInterrupt is: the evaluation's own `except Exception` (an unusable
+    cached classifier is retrained) must not catch it."""
 
 
 def save_checkpoint(trainer, done: int, ckpt_path: Path, window: torch.Tensor, data_fingerprint: dict) -> None:
@@ -275,14 +277,18 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     window_start = time.perf_counter()
     # Ctrl-C / SIGTERM: finish the step (under DDP: the logging window, so all ranks agree), save, stop.
     # A sample grid or evaluation under way is cut short: it computes nothing the run keeps. A
-    # second signal stops at once, keeping the last checkpoint (its writes are atomic).
+    # second signal stops at once, keeping the last checkpoint (its writes are atomic), but not
+    # one within a second of the first: a cluster's scheduler signals every process of a job and
+    # torchrun forwards the same signal again.
     stop_signal = []
     in_extras = False
 
     def on_signal(signum, frame):
         if stop_signal:
-            raise KeyboardInterrupt
-        stop_signal.append(signum)
+            if time.monotonic() - stop_signal[0] > 1.0:
+                raise KeyboardInterrupt
+            return
+        stop_signal.append(time.monotonic())
         if in_extras:
             raise _ExtrasInterrupted
 
@@ -320,13 +326,13 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
             if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
                 save_checkpoint(trainer, done, ckpt_path, window, data_fingerprint)  # first: a failing evaluation loses nothing
                 saved = True
-            if world.is_main and not stop_signal:
+            if world.is_main:
+                in_extras = True  # before the check: a signal from here on cuts the extras short
                 try:
-                    in_extras = True
-                    if t.sample_every and done % t.sample_every == 0:
+                    if not stop_signal and t.sample_every and done % t.sample_every == 0:
                         x = sample_grid(trainer.ema.module, trainer.diffusion, cfg.data.image_size)
                         writer.add_image("samples/ema_ddim50", make_grid(to_unit(x).cpu(), nrow=4, pad_value=1.0), done)
-                    if t.eval_every and done % t.eval_every == 0:
+                    if not stop_signal and t.eval_every and done % t.eval_every == 0:
                         from ddpm.eval import quick_score  # torchmetrics only when asked for
                         for name, value in quick_score(trainer.ema.module, cfg, device).items():
                             if isinstance(value, (int, float)):
@@ -338,7 +344,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 stop = stop or (bool(stop_signal) and not world.distributed)
                 if stop and not saved:
                     save_checkpoint(trainer, done, ckpt_path, window, data_fingerprint)
-            if stop:
+            if stop and done < t.steps:  # at the last step the run is complete: it ends as usual
                 bar.close()
                 if world.is_main:
                     print(f"stopped by signal after step {done}: saved {ckpt_path}; continue with --resume", file=sys.stderr)
