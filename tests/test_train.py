@@ -189,11 +189,7 @@ def test_resume_refuses_a_shorter_run_and_eval_without_its_data(tmp_path):
         train(ci_config(run, "train.steps=2"), resume=True, progress=False)
     # IDX training files without their test split: train.eval_every stops before the first step
     idx = tmp_path / "idx"
-    idx.mkdir()
-    for name, array in (("train-images-idx3-ubyte", torch.zeros(64, 28, 28, dtype=torch.uint8)),
-                        ("train-labels-idx1-ubyte", torch.arange(64, dtype=torch.uint8) % 10)):
-        header = struct.pack(">BBBB", 0, 0, 0x08, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape)
-        (idx / name).write_bytes(header + array.numpy().tobytes())
+    write_idx_digits(idx, torch.zeros(64, 28, 28, dtype=torch.uint8))
     with pytest.raises(UserError, match="no t10k-images"):
         train(ci_config(tmp_path / "eval-run", "data.source=idx", f"data.dir={idx}", "train.eval_every=2"),
               progress=False)
