@@ -13,10 +13,13 @@ the quick config, without graphs, to test itself."""
 import argparse
 import contextlib
 import time
+import types
 from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch._inductor import config as inductor_config
 
 from bench import variants
@@ -53,9 +56,48 @@ ROWS = {
     "combo_kernels": (DEFAULT, {"combo_kernels": True}, {}, True),
     # launch configs of the fused elementwise kernels tuned by benchmarking
     "coordinate_descent_tuning": (DEFAULT, {"coordinate_descent_tuning": True}, {}, True),
+    # the convolutions with one input or output channel as the products and sums they are (NET_CHANGES)
+    "pointwise thin convs": (DEFAULT, {}, {}, True),
     "default again": (DEFAULT, {}, {}, True),  # drift: the default row, repeated
     "max-autotune": ([*DEFAULT, "sample.compile=max-autotune"], {}, {}, True),
 }
+
+
+def _pointwise_conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a convolution with one input channel (any square kernel, stride 1) or one
+    output channel (1x1), as sums of broadcast products: in autocast's dtype, as the convolution
+    computes; inductor fuses them, accumulating in fp32 like the convolution."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    x, weight, bias = x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype).view(1, -1, 1, 1)
+    if conv.out_channels == 1:
+        return (x * weight.view(1, -1, 1, 1)).sum(1, keepdim=True) + bias
+    k, pad = conv.kernel_size[0], conv.padding[0]
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (pad,) * 4) if pad else x
+    out = bias
+    for dy in range(k):
+        for dx in range(k):
+            out = out + weight[:, 0, dy, dx].view(1, -1, 1, 1) * padded[:, :, dy:dy + height, dx:dx + width]
+    return out
+
+
+def pointwise_thin_convs(net: nn.Module) -> int:
+    """Swap the UNet's convolutions with one input or output channel (from the 1-channel image: the
+    first ResBlock's 3x3 and its 1x1 skip; the 1x1 output) for _pointwise_conv_forward. An H200's
+    profile of the sampling step shows cuDNN running two of them off the tensor cores
+    (implicit_convolve_sgemm, 17 us a step; a cutlass sm75 kernel, 9 us), where inductor could fuse
+    them with their neighbours. Returns how many it swapped."""
+    thin = [m for m in net.modules() if isinstance(m, nn.Conv2d) and 1 in (m.in_channels, m.out_channels)]
+    for conv in thin:
+        square, same = conv.kernel_size[0] == conv.kernel_size[1], conv.padding[0] == conv.padding[1]
+        assert conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and square and same, conv
+        assert conv.in_channels == 1 or conv.kernel_size == (1, 1), conv
+        conv.forward = types.MethodType(_pointwise_conv_forward, conv)
+    return len(thin)
+
+
+NET_CHANGES = {"pointwise thin convs": pointwise_thin_convs}
 
 
 def per_step_ms(fn, steps: int, rounds: int = 3) -> float:
@@ -77,6 +119,7 @@ def sampling_row(name: str) -> str:
     cfg = load_config(QUICK, overrides, DEVICE)
     torch.manual_seed(0)
     net = model.build(cfg, DEVICE).eval()
+    NET_CHANGES.get(name, lambda net: None)(net)
     plan = Diffusion.from_config(cfg.diffusion, DEVICE).plan(cfg.sample)
     s = cfg.sample
     shape = (8 if QUICK else 64, 1, cfg.data.image_size, cfg.data.image_size)

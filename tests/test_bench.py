@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import compare
 from bench.conftest import speedups
+from ddpm import config
 
 
 def test_each_row_is_compared_with_its_own_baseline():
@@ -101,7 +103,6 @@ def test_the_gpu_check_names_variants_that_exist_in_their_order():
 def test_every_variant_is_a_valid_config():
     """The GPU-only variants never run in CI: a bad override there would surface only on a lent GPU."""
     from bench import variants
-    from ddpm import config
     for name, overrides in [*variants.TRAIN.items(), *variants.SAMPLE.items()]:
         config.load("configs/mnist.yaml", overrides)
     assert variants.GPU_ONLY <= variants.TRAIN.keys() | variants.SAMPLE.keys()
@@ -162,7 +163,6 @@ def test_every_sampling_probe_row_is_a_valid_option_set():
     import inspect
     from torch._inductor import config as inductor_config
     from bench.probe_sampling_options import ROWS
-    from ddpm import config
     from ddpm.sample import FastStep
     step_arguments = inspect.signature(FastStep).parameters
     for name, (overrides, options, step_options, _) in ROWS.items():
@@ -170,6 +170,28 @@ def test_every_sampling_probe_row_is_a_valid_option_set():
         with inductor_config.patch(options):
             pass
         assert set(step_options) <= set(step_arguments), name
+
+
+def test_the_probes_pointwise_thin_convolutions_compute_the_convolutions():
+    """The seed UNet's three convolutions with one input or output channel, swapped for products and
+    sums: the same outputs in fp32, and in bf16 autocast within its rounding."""
+    from bench.probe_sampling_options import NET_CHANGES, ROWS, pointwise_thin_convs
+    from ddpm import model
+    assert set(NET_CHANGES) <= set(ROWS)
+    cfg = config.load("configs/mnist.yaml", ["model.base_channels=16"])
+    torch.manual_seed(0)
+    net = model.build(cfg, torch.device("cpu")).eval()
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        ref = net(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref16 = net(x, t)
+        assert pointwise_thin_convs(net) == 3
+        torch.testing.assert_close(net(x, t), ref, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out16 = net(x, t)
+    assert out16.dtype == ref16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), ref16.float(), rtol=0.05, atol=0.05)
 
 
 def test_the_sampling_probe_writes_a_row_per_option_set(tmp_path):
