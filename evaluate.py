@@ -9,11 +9,10 @@ split against the training split, same count; for the offline subset, its held-o
 the other)."""
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from ddpm import cli
+from ddpm import checkpoint, cli
 from ddpm.config import UserError
 from ddpm.eval import Scorer, check_sampling, evaluate
 from ddpm.runtime import resolve_compile, resolve_device, resolve_precision
@@ -92,13 +91,10 @@ def main():
                       "cuda_graph": cuda_graph, "streams": cfg.sample.streams,
                       "device": str(device), "seed": args.seed, "weights": "raw" if args.raw_weights else "ema",
                       "features": scorer.feature_extractor, "real": scorer.description, "scores": scores}
-            json_path = Path(args.json)
-            tmp = json_path.with_name(f".{json_path.name}.tmp")
             try:  # whole or not at all
-                tmp.write_text(json.dumps(record, indent=2) + "\n")
-                os.replace(tmp, json_path)
+                text = (json.dumps(record, indent=2) + "\n").encode()
+                checkpoint.write_atomically(Path(args.json), lambda f: f.write(text))
             except OSError as e:
-                tmp.unlink(missing_ok=True)
                 print(f"evaluate.py: error: cannot write {args.json} ({e.strerror})", file=sys.stderr)
                 sys.exit(2)
 

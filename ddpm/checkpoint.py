@@ -18,19 +18,23 @@ class CheckpointError(UserError):
     pass
 
 
-def save(state: dict, path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over the target, so a
-    crash mid-write leaves the previous checkpoint intact."""
+def write_atomically(path: Path, write) -> None:
+    """write(f) into a temporary file in the same directory, fsync, then rename it over `path`, so
+    a crash mid-write leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save(state: dict, path: Path) -> None:
+    write_atomically(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
 
 
 def load(path: Path, map_location="cpu") -> dict:
@@ -42,17 +46,14 @@ def load(path: Path, map_location="cpu") -> dict:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning would precede the one-line error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # the weights-only unpickler met a class
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):  # the unpickler met a class
             raise CheckpointError(f"{path} holds Python objects besides tensors, so it is not a checkpoint of this "
                                   f"toolkit (which loads only tensors and plain values); use a checkpoint.pt written "
                                   f"by train.py") from None
-        # the first line of torch's refusal is about its weights_only default, not about the file
+        # the first line of torch's weights-only refusal is about its default, not about the file
         reason = "torch's weights-only unpickler refused it" if "Weights only load failed" in str(e) else config_lib.describe(e)
         raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); "
-                              f"it is truncated or not a checkpoint of this toolkit: use another one") from None
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({config_lib.describe(e)}); "
                               f"it is truncated or not a checkpoint of this toolkit: use another one") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this toolkit (missing keys); use a checkpoint.pt written by train.py")
