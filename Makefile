@@ -8,8 +8,9 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 CONFIG ?= configs/mnist.yaml
 ARGS ?=
 NPROC ?= 1
-# one process per GPU under torchrun when NPROC > 1 (multi-node: see the README)
-TRAIN = $(if $(filter 1,$(NPROC)),$(PYTHON),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC)) train.py
+# one process per GPU under torchrun when NPROC > 1 (multi-node: see the README); ddpm.distributed
+# is torchrun, whose failures are one line
+TRAIN = $(PYTHON)$(if $(filter 1,$(NPROC)),, -m ddpm.distributed --standalone --nproc_per_node=$(NPROC)) train.py
 # the run dir a config and the key=value overrides in ARGS name
 OUT_DIR = $(shell $(PYTHON) -c "import sys; from ddpm import config; print(config.load(sys.argv[1], [a for a in sys.argv[2:] if '=' in a and not a.startswith('-')]).train.out_dir)" $(1) $(ARGS) 2>/dev/null)
 # A run dir that already holds a checkpoint is continued, never replaced (unless ARGS says --overwrite).

@@ -6,7 +6,11 @@ from ddpm.train import train
 
 
 def main():
-    parser = cli.ArgumentParser(description=__doc__)
+    # Under torchrun the processes of a node share the command line, the config, the files and
+    # (on a node of like GPUs) the GPUs' properties, so their errors are the same: local rank 0
+    # alone prints them. (Rank 0's alone, such as a run dir that holds a run, it alone meets.)
+    twin = os.environ.get("LOCAL_RANK", "0") != "0"
+    parser = cli.ArgumentParser(description=__doc__, quiet=twin)
     parser.add_argument("--config", default="configs/mnist.yaml", help="YAML run config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=1000")
     group = parser.add_mutually_exclusive_group()
@@ -14,7 +18,7 @@ def main():
     group.add_argument("--overwrite", action="store_true", help="replace the run in train.out_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args()  # overrides before, between and after the flags
-    with cli.user_errors("train.py"):
+    with cli.user_errors("train.py", quiet=twin):
         cfg = config.load(args.config, args.overrides)
         ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, once

@@ -9,21 +9,28 @@ from ddpm.config import CHOICES, UserError, from_dict
 
 
 @contextmanager
-def user_errors(program: str):
+def user_errors(program: str, quiet: bool = False):
+    """quiet: exit with status 2 without printing (in a process whose twin prints the same error)."""
     try:
         yield
     except UserError as e:
-        print(f"{program}: error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"{program}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose errors are one line (argparse's own print the usage block first)."""
+    """argparse's parser whose errors are one line (argparse's own print the usage block first);
+    quiet: exit with status 2 without printing them, as user_errors."""
+
+    def __init__(self, *args, quiet: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quiet = quiet
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+        self.exit(2, None if self.quiet else f"{self.prog}: error: {message} (--help for usage)\n")
 
 
 def seed(text: str) -> int:

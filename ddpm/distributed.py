@@ -1,14 +1,23 @@
-"""torchrun / DDP set-up. One process per GPU (or per CPU process with gloo); rank 0 alone writes."""
+"""torchrun / DDP set-up. One process per GPU (or per CPU process with gloo); rank 0 alone writes.
+
+  python -m ddpm.distributed [torchrun's options] train.py [its arguments]   (make train NPROC=N)
+
+is torchrun, whose failures are one line (launch)."""
 import contextlib
 import inspect
+import logging
 import os
+import signal
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from ddpm.config import UserError
 
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
@@ -36,6 +45,11 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         return World(), device
     world = World(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world.local_rank + 1)), torch.cuda.device_count()
+        if processes > gpus:
+            raise UserError(f"torchrun started {processes} processes on this node, which has {gpus} GPU"
+                            f"{'s' if gpus != 1 else ''}: one process per GPU, so set NPROC (--nproc_per_node) "
+                            f"to at most {gpus}")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -103,3 +117,44 @@ def sum_across(world: World, tensor: torch.Tensor) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(tensor)
     return tensor
+
+
+def launch(argv: list[str] | None = None) -> int:
+    """`make train NPROC=N`: torchrun itself (torch.distributed.run: its options, its workers and its
+    signal forwarding), whose failures read as one line instead of its traceback and failure table.
+    A worker that stopped on bad input has printed its one-line error and exited with status 2;
+    for any other failure this names the first rank that failed and how. Returns the exit status:
+    the first failed worker's (128 + N for signal N)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import determine_local_world_size, parse_args, run
+
+    args = parse_args(argv)
+    script = os.path.basename(args.training_script)
+    try:
+        local_world_size = determine_local_world_size(args.nproc_per_node)
+    except ValueError as e:
+        print(f"torchrun: error: --nproc_per_node={args.nproc_per_node}: {e}", file=sys.stderr)
+        return 2
+    if "OMP_NUM_THREADS" not in os.environ and local_world_size > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # torchrun's own default, without the banner it prints
+    # its lines on stopping the other workers and on the failure, which the line below replaces
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:
+            print(f"{script}: rank {rank} was killed by {failure.signal_name()}"
+                  f"{' (out of memory?)' if -failure.exitcode == signal.SIGKILL else ''}", file=sys.stderr)
+            return 128 - failure.exitcode
+        if failure.exitcode != 2:
+            print(f"{script}: rank {rank} failed with exit status {failure.exitcode} (its error is above)", file=sys.stderr)
+        return failure.exitcode
+    except SignalException as e:  # the workers got the signal too, and have stopped
+        return 128 + e.sigval
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(launch())

@@ -250,17 +250,27 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     # data, then sends both to the other ranks: they all train on the same digits, and other
     # nodes need neither the data nor the run dir. Nothing is written or deleted until the run
     # is set up, so bad input costs no earlier work.
-    resumed = digits = data_fingerprint = None
+    resumed = digits = data_fingerprint = failed = None
     if world.is_main:
-        resumed = check_out_dir(cfg, resume, overwrite)
-        digits = data.load_digits(cfg.data, train=True)
-        data_fingerprint = digits.fingerprint()
-        if resumed is not None:
-            check_same_data(resumed, data_fingerprint, digits, cfg, ckpt_path)
-        if t.eval_every:
-            from ddpm.eval import real_splits  # torchmetrics only when asked for
-            real_splits(cfg.data)  # a missing test split stops now, not at the first evaluation
-    resumed, digits = distributed.from_main(world, (resumed, digits))
+        try:
+            resumed = check_out_dir(cfg, resume, overwrite)
+            digits = data.load_digits(cfg.data, train=True)
+            data_fingerprint = digits.fingerprint()
+            if resumed is not None:
+                check_same_data(resumed, data_fingerprint, digits, cfg, ckpt_path)
+            if t.eval_every:
+                from ddpm.eval import real_splits  # torchmetrics only when asked for
+                real_splits(cfg.data)  # a missing test split stops now, not at the first evaluation
+        except Exception as e:
+            failed = e
+    # a failure too: the other ranks then exit with rank 0, which says why, instead of failing in
+    # a collective that rank 0 has left
+    resumed, digits, exit_status = distributed.from_main(
+        world, (resumed, digits, None if failed is None else 2 if isinstance(failed, UserError) else 1))
+    if failed is not None:
+        raise failed
+    if exit_status is not None:
+        raise SystemExit(exit_status)
 
     trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
     start = restore(trainer, resumed, ckpt_path) if resumed is not None else 0
@@ -309,8 +319,8 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 window[2] = float(bool(stop_signal))
                 loss_sum, steps, stop_votes = distributed.sum_across(world, window).tolist()  # the one host sync
                 stop = stop_votes > 0
-                if not math.isfinite(loss_sum):
-                    raise diverged(loss_sum, done, ckpt_path)
+                if not math.isfinite(loss_sum):  # on every rank: rank 0 says it
+                    raise diverged(loss_sum, done, ckpt_path) if world.is_main else SystemExit(2)
                 images_per_s = steps / world.world_size * t.batch_size / (time.perf_counter() - window_start)
                 if world.is_main:
                     mean_loss = loss_sum / steps

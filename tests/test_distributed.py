@@ -13,10 +13,11 @@ from ddpm.train import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(nproc: int, *args):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+def torchrun(nproc: int, *args, status: int = 0):
+    """`make train NPROC=nproc`'s launcher (ddpm.distributed: torchrun, failures in one line)."""
+    result = subprocess.run([sys.executable, "-m", "ddpm.distributed", "--standalone", f"--nproc_per_node={nproc}",
                              *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == status, result.stderr[-3000:]
     return result
 
 
@@ -72,6 +73,10 @@ def test_ddp_run_resumes_with_another_world_size(tmp_path):
     common = ["--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={out}", "train.batch_size=8"]
     result = torchrun(2, "train.py", *common, "train.steps=4")
     assert "training on 2 x cpu" in result.stderr and result.stdout.count("done:") == 1, result.stdout
+    # rank 0 alone checks the run dir: its error, and rank 1 exits with it (not in a broken collective)
+    refused = torchrun(2, "train.py", *common, "train.steps=6", status=2)
+    assert refused.stderr.splitlines() == [f"train.py: error: {out} already holds a run; pass --resume to continue it, "
+                                           "--overwrite to replace it, or set train.out_dir to another directory"]
     assert checkpoint.load(out / "checkpoint.pt")["step"] == 4
     # rank 0 logs the global batch's loss (summed across the ranks), as one process would
     single = subprocess.run([sys.executable, "train.py", *common, f"train.out_dir={tmp_path / 'single'}", "train.steps=4"],
@@ -110,3 +115,32 @@ def test_ddp_in_a_process_group_of_one_takes_the_plain_steps():
     assert torch.equal(torch.stack(ddp_losses), torch.stack(losses))
     for name, w in weights.items():
         assert torch.equal(ddp_weights[name], w), name
+
+
+def test_bad_input_under_torchrun_is_one_line(tmp_path):
+    """Every rank meets a bad override: local rank 0 alone prints it, and the launcher adds none of
+    torchrun's traceback and failure table."""
+    result = torchrun(2, "train.py", "--config", "configs/ci.yaml", f"train.out_dir={tmp_path / 'run'}", "train.lr=5",
+                      status=2)
+    assert result.stderr.splitlines() == ["train.py: error: train.lr must lie in (0, 1], got 5.0"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_worker_is_one_line_naming_its_rank(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text("import os, signal, time\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "time.sleep(60)\n")
+    result = torchrun(2, script, status=128 + 9)
+    assert result.stderr.splitlines() == ["worker.py: rank 1 was killed by SIGKILL (out of memory?)"]
+
+
+def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(config.UserError, match="2 processes on this node, which has 1 GPU: .* at most 1"):
+        distributed.init(torch.device("cuda"))
