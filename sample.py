@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--seed", type=cli.seed, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     with cli.user_errors("sample.py"):
         if not args.out.strip():
@@ -43,7 +44,7 @@ def main():
             raise UserError(f"{given} is more than one grid holds ({MAX_GRID_IMAGES}); pass a smaller --n, "
                             "or score many samples with evaluate.py --n")
         with torch.inference_mode():
-            paths = write_samples(net, cfg, args.out, device, n, args.seed)
+            paths = write_samples(net, cfg, args.out, device, n, args.seed, progress=not args.no_progress)
         print(f"{cfg.sample.sampler} samples from step {step}: " + ", ".join(str(p) for p in paths.values()))
 
 

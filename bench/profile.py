@@ -29,7 +29,7 @@ def trace(name: str, out: Path, steps: int, fn, device, sort_by: str, rows: int)
         print(f"\n== {name}: top operators over {steps} steps")
         print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
 
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps),
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1),
                  on_trace_ready=on_trace_ready, record_shapes=True) as prof:
         for i in range(warmup + steps):
             fn(i)

@@ -77,4 +77,4 @@ def load_weights(module: torch.nn.Module, weights: dict, path) -> None:
         module.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:  # wrong tensors; not a state dict at all
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise CheckpointError(f"checkpoint {path} does not match the model its config describes ({first[:160]})") from None
+        raise CheckpointError(f"checkpoint {path} does not match the model its config describes ({config_lib.clip(first, 160)})") from None

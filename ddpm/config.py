@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,20 @@ class UserError(Exception):
     """Bad input (config, CLI, data, checkpoint, run dir): the CLIs print its one-line message and exit 2."""
 
 
+def clip(text: str, limit: int = 100) -> str:
+    """Another library's message in a UserError's one line: its first line, cut after the last
+    sentence that fits, or else at a word, within `limit` characters."""
+    first = (text.splitlines() or [""])[0].strip()
+    if len(first) <= limit:
+        return first
+    sentence_end = first.rfind(". ", 0, limit)
+    return first[:sentence_end + 1] if sentence_end > 0 else textwrap.shorten(first, limit, placeholder=" ...")
+
+
 def describe(error: BaseException, limit: int = 100) -> str:
-    """An exception in a UserError's one line: its type and its message's first line (an empty
-    message, such as a 0-byte file's EOFError(''), leaves the type alone)."""
-    first = (str(error).splitlines() or [""])[0][:limit]
+    """An exception in a UserError's one line: its type and its message's first line, clipped (an
+    empty message, such as a 0-byte file's EOFError(''), leaves the type alone)."""
+    first = clip(str(error), limit)
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 

@@ -5,6 +5,7 @@ resident (the whole uint8 dataset on the training device, batches gathered and r
 dali (an NVIDIA DALI pipeline, on the GPU when there is one) and dataloader (a torch Dataset and
 DataLoader converting item by item on the CPU, the seed's baseline).
 """
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ddpm import config as config_lib
 from ddpm.config import UserError
 
 
@@ -98,10 +100,21 @@ def load_idx(dataset: str, data_dir: Path, train: bool) -> Digits | None:
 
 # ---- other sources -----------------------------------------------------------------------------
 def load_torchvision(dataset: str, data_dir: Path, train: bool) -> Digits:
-    """torchvision's download (needs the network); it leaves IDX files under data_dir for next time."""
+    """torchvision's download (needs the network); it leaves IDX files under data_dir for next time.
+    A failed one leaves none of the directories it made (a mistyped data.dir leaves no trace)."""
     from torchvision import datasets
     cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
-    ds = cls(str(data_dir), train=train, download=True)
+    made, folder = [], Path(data_dir) / cls.__name__ / "raw"  # where torchvision downloads to
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    try:
+        ds = cls(str(data_dir), train=train, download=True)
+    except BaseException:
+        for folder in made:  # deepest first; one that holds something stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return Digits(ds.data, ds.targets.long(), f"{dataset} {IDX_PREFIX[train]} split, downloaded to {data_dir}")
 
 
@@ -149,7 +162,9 @@ def load_digits(cfg, train: bool = True) -> Digits:
     try:
         return load_torchvision(cfg.dataset, data_dir, train)
     except (RuntimeError, OSError, ValueError) as e:  # torchvision raises these when offline
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        # torchvision's message: "Error downloading <file>:", then each mirror's error; the last says why
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = config_lib.clip(lines[0].rstrip(":") + (f": {lines[-1]}" if len(lines) > 1 else ""), 160)
         if cfg.source == "torchvision" or cfg.dataset != "mnist":
             hint = " or apt-get install dataset-fashion-mnist" if cfg.dataset == "fashion_mnist" else ""
             raise DataError(f"could not download {cfg.dataset} ({reason}): "

@@ -356,7 +356,7 @@ def _sample_stream(net, cfg, device, num_samples, sampler, steps, batch_size, se
     size = cfg.data.image_size
     n_steps = len(plan.timesteps)
     bar = tqdm(total=math.ceil(num_samples / batch_size) * n_steps, unit="step", disable=not progress,
-               desc=f"sampling {num_samples:,} ({sampler}, {n_steps} steps, batches of {batch_size})")
+               desc=f"sampling {num_samples:,} ({sampler}, {n_steps} steps, batches of {min(batch_size, num_samples)})")
     fast_steps = {}  # a captured CUDA graph has one batch size: a shorter last batch gets its own
 
     try:

@@ -1,5 +1,6 @@
 """Sampling from a checkpoint and the pictures a run shows: the grid, the denoising GIF, the
 forward-diffusion figure."""
+import contextlib
 import functools
 import sys
 import types
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
 from ddpm import checkpoint, model as model_lib
 from ddpm.cli import check_writable
@@ -196,13 +198,28 @@ def forward_diffusion_figure(diffusion: Diffusion, image: torch.Tensor, path: Pa
 MAX_GRID_IMAGES = 1024  # one picture (and its GIF) of 32x32 digits; evaluate.py scores more, in batches
 
 
-def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, gif_frames: int = 40) -> dict:
-    """Sample num_images with cfg.sample's sampler; write samples.png, denoising.gif, forward.png."""
+def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, gif_frames: int = 40,
+                  progress: bool = False) -> dict:
+    """Sample num_images with cfg.sample's sampler; write samples.png, denoising.gif, forward.png.
+    A run that fails or is interrupted before they are written leaves no out_dir it made."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; pass a directory for the pictures")
+    made = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file of that name, no permission
+    except OSError as e:  # no permission, a file among its parents
         raise UserError(f"cannot use {out_dir} as the output directory ({e.strerror}); pass another --out") from None
+    try:
+        return _write_samples(net, cfg, out_dir, device, num_images, seed, gif_frames, progress)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # only if empty
+                out_dir.rmdir()
+        raise
+
+
+def _write_samples(net, cfg, out_dir: Path, device, num_images, seed, gif_frames, progress) -> dict:
     paths = {"grid": out_dir / "samples.png", "gif": out_dir / "denoising.gif", "forward": out_dir / "forward.png"}
     for path in paths.values():  # now, not after the sampling
         check_writable(path, "--out")
@@ -211,9 +228,17 @@ def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, g
     generator = torch.Generator(device).manual_seed(seed)
     keep_every = max(1, len(plan.timesteps) // gif_frames)
     s = cfg.sample
-    step = FastStep.from_config(net, plan, s, device)
-    x, frames = diffusion.sample(net, (num_images, 1, cfg.data.image_size, cfg.data.image_size), plan,
-                                 s.clip_x0, generator, keep_every, step)
+    fast_step = FastStep.from_config(net, plan, s, device)
+    # counts the steps handed to the device (on a GPU it runs a few behind); the first includes the compile
+    bar = tqdm(total=len(plan.timesteps), desc=f"{s.sampler} sampling", unit="step", disable=not progress, leave=False)
+
+    def step(i, x, noise):
+        bar.update()
+        return fast_step(i, x, noise)
+
+    with bar:
+        x, frames = diffusion.sample(net, (num_images, 1, cfg.data.image_size, cfg.data.image_size), plan,
+                                     s.clip_x0, generator, keep_every, step)
     save_image(to_unit(x).cpu(), paths["grid"], nrow=int(num_images ** 0.5 + 0.5), padding=2, pad_value=1.0)
     save_gif(frames, paths["gif"])
     forward_diffusion_figure(diffusion, x[:1].clamp(-1, 1), paths["forward"], generator=generator)

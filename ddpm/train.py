@@ -55,7 +55,7 @@ def check_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
                               f"resume with the same config or choose another train.out_dir")
         if state["step"] > cfg.train.steps:
             raise RunDirError(f"the run in {out} is at step {state['step']}, past train.steps={cfg.train.steps}; "
-                              f"resume with train.steps above {state['step']}")
+                              f"resume with train.steps of at least {state['step']}")
         return state
     if ckpt_path.exists() and not overwrite:
         raise RunDirError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "

@@ -144,3 +144,12 @@ def test_round_trip_through_yaml(tmp_path):
     cfg = config.load("configs/demo.yaml", ["train.seed=3"])
     config.save(cfg, tmp_path / "c.yaml")
     assert config.diff(config.load(tmp_path / "c.yaml"), cfg) == []
+
+
+def test_clip_keeps_whole_sentences_or_words():
+    assert config.clip("short message\nsecond line") == "short message"
+    long = "PytorchStreamReader failed reading zip archive: failed finding central directory. This is an internal error"
+    assert config.clip(long, 100) == "PytorchStreamReader failed reading zip archive: failed finding central directory."
+    words = "word " * 30
+    clipped = config.clip(words, 50)
+    assert len(clipped) <= 50 and clipped.endswith("word ...")

@@ -1,8 +1,10 @@
 import gzip
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from ddpm import config, data
 
@@ -93,14 +95,22 @@ def test_offline_subset_is_real_mnist():
 
 
 def test_auto_falls_back_to_the_offline_subset_loudly(tmp_path, monkeypatch, capsys):
-    def offline(*args, **kwargs):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
-    monkeypatch.setattr(data, "load_torchvision", offline)
-    digits = data.load_digits(config.load(None, [f"data.dir={tmp_path}"]).data)
-    assert len(digits.images) == 5000
-    err = capsys.readouterr().err
-    assert "WARNING" in err and "offline subset" in err and "train-images-idx3-ubyte.gz" in err
-    assert "no network" in err  # the download's own reason
+    """...and a failed download leaves none of the directories it made (a mistyped data.dir)."""
+    class MNIST:  # as torchvision's offline: it makes its raw folder, then fails with each mirror's error
+        def __init__(self, root, train, download):
+            (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://mirror/, got:\n"
+                               "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", MNIST)
+    (tmp_path / "kept").mkdir()
+    for data_dir in (tmp_path / "typo" / "data", tmp_path / "kept"):
+        digits = data.load_digits(config.load(None, [f"data.dir={data_dir}"]).data)
+        assert len(digits.images) == 5000
+        err = capsys.readouterr().err
+        assert "WARNING" in err and "offline subset" in err
+        assert ("download failed (Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -3] "
+                "Temporary failure in name resolution>)") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
 def test_model_input_range_and_size():

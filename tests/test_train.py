@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from ddpm import checkpoint, config, data
+from ddpm.diffusion import Diffusion
 from ddpm.train import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,7 +187,7 @@ def test_resume_refuses_a_shorter_run_and_eval_without_its_data(tmp_path):
     from ddpm.config import UserError
     run = tmp_path / "run"
     train(ci_config(run, "train.steps=3"), progress=False)
-    with pytest.raises(UserError, match="is at step 3, past train.steps=2; resume with train.steps above 3"):
+    with pytest.raises(UserError, match="is at step 3, past train.steps=2; resume with train.steps of at least 3"):
         train(ci_config(run, "train.steps=2"), resume=True, progress=False)
     # IDX training files without their test split: train.eval_every stops before the first step
     idx = tmp_path / "idx"
@@ -381,6 +383,10 @@ def test_sample_cli_bad_checkpoints(tmp_path, capsys, monkeypatch):
     truncated.write_bytes(ckpt.read_bytes()[:5000])
     line = error_of("--ckpt", str(truncated), "--out", str(tmp_path))
     assert "truncated" in line
+    truncated.write_bytes(ckpt.read_bytes()[:len(ckpt.read_bytes()) // 2])
+    line = error_of("--ckpt", str(truncated), "--out", str(tmp_path))
+    # torch's reason, clipped after a sentence or a word (it used to end "This is an interna")
+    assert re.search(r"cannot be read \(RuntimeError: .*(\.| \.\.\.)\); it is truncated", line), line
     state = torch.load(ckpt, weights_only=True)
     state["config"]["model"]["base_channels"] = 16
     mismatched = tmp_path / "mismatched.pt"
@@ -417,8 +423,16 @@ def test_sample_cli_bad_checkpoints(tmp_path, capsys, monkeypatch):
         assert "needs a CUDA device" in line
     line = error_of("--ckpt", str(ckpt), "--out", str(tmp_path), "--device", "gpu")
     assert "unknown device 'gpu'" in line
-    line = error_of("--ckpt", str(ckpt), "--out", str(truncated))
+    assert f"--out {truncated} is a file" in error_of("--ckpt", str(ckpt), "--out", str(truncated))
+    line = error_of("--ckpt", str(ckpt), "--out", str(truncated / "pictures"))
     assert "cannot use" in line and "--out" in line
+    # Ctrl-C while sampling: exit status 130, and no empty --out dir left behind
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patched:
+        patched.setattr(Diffusion, "sample", interrupted)
+        assert run_sample_main(capsys, patched, "--ckpt", str(ckpt), "--out", str(tmp_path / "new")).returncode == 130
+    assert not (tmp_path / "new").exists()
     state = torch.load(ckpt, weights_only=True)
     state["ema"] = [1, 2]
     malformed = tmp_path / "malformed.pt"
@@ -560,24 +574,24 @@ def test_sample_cli_options_reach_the_sampler(tmp_path, monkeypatch):
     main = runpy.run_path(str(ROOT / "sample.py"))["main"]
     calls = []
     monkeypatch.setitem(main.__globals__, "write_samples",
-                        lambda net, cfg, out, device, n, seed: calls.append((net, cfg, n, seed)) or {})
+                        lambda net, cfg, out, device, n, seed, progress: calls.append((net, cfg, n, seed, progress)) or {})
 
     def run(*args):
         monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), *args])
         main()
         return calls[-1]
 
-    net, cfg, n, seed = run()
+    net, cfg, n, seed, progress = run()
     s = cfg.sample
-    assert (s.sampler, s.eta, s.variance, s.clip_x0, n, seed) == ("ddpm", 0.0, "beta", True, 64, 0)
+    assert (s.sampler, s.eta, s.variance, s.clip_x0, n, seed, progress) == ("ddpm", 0.0, "beta", True, 64, 0, True)
     assert all(torch.equal(v, state["ema"][k]) for k, v in net.state_dict().items())
-    net, cfg, n, seed = run("--n", "3", "--sampler", "ddim", "--steps", "7", "--eta", "0.5",
+    net, cfg, n, seed, progress = run("--n", "3", "--sampler", "ddim", "--steps", "7", "--eta", "0.5",
                             "--no-clip", "--precision", "fp16", "--compile", "default", "--cuda-graph", "disabled", "--streams", "3",
-                            "--raw-weights", "--seed", "5", "--device", "cpu")
+                            "--raw-weights", "--seed", "5", "--device", "cpu", "--no-progress")
     s = cfg.sample
     assert (s.sampler, s.steps, s.eta, s.clip_x0, s.precision, s.compile, s.cuda_graph, s.streams) == \
         ("ddim", 7, 0.5, False, "fp16", "default", "disabled", 3)
-    assert (n, seed) == (3, 5)
+    assert (n, seed, progress) == (3, 5, False)
     assert all(torch.equal(v, state["model"][k]) for k, v in net.state_dict().items())
     assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])  # the two differ
     assert run("--variance", "posterior")[1].sample.variance == "posterior"
