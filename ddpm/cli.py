@@ -2,20 +2,37 @@
 import argparse
 import sys
 import tempfile
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import NoReturn
 
 from ddpm.config import CHOICES, UserError, from_dict
 
 
+# A quiet process's wait before it exits, for torchrun to stop it (within 0.1 s of the reporting
+# process's exit) first; where nothing stops it, it exits after this many seconds.
+QUIET_EXIT_WAIT_S = 30
+
+
+def exit_after_reporter(status: int) -> NoReturn:
+    """Exit with `status` without a word, in a process whose error another reports (rank 0, or local
+    rank 0 of its node): after it. torchrun stops every worker as soon as one has failed, and a
+    quiet process that left first could have the reporter stopped before it printed."""
+    time.sleep(QUIET_EXIT_WAIT_S)
+    sys.exit(status)
+
+
 @contextmanager
 def user_errors(program: str, quiet: bool = False):
-    """quiet: exit with status 2 without printing (in a process whose twin prints the same error)."""
+    """quiet: exit with status 2 without printing, after the process that prints the same error
+    (exit_after_reporter)."""
     try:
         yield
     except UserError as e:
-        if not quiet:
-            print(f"{program}: error: {e}", file=sys.stderr)
+        if quiet:
+            exit_after_reporter(2)
+        print(f"{program}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -23,14 +40,37 @@ def user_errors(program: str, quiet: bool = False):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors are one line (argparse's own print the usage block first);
-    quiet: exit with status 2 without printing them, as user_errors."""
+    quiet: neither errors nor --help printed, as user_errors."""
 
     def __init__(self, *args, quiet: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.quiet = quiet
 
+    def print_help(self, file=None):
+        if not self.quiet:
+            super().print_help(file)
+
     def error(self, message):
-        self.exit(2, None if self.quiet else f"{self.prog}: error: {message} (--help for usage)\n")
+        if self.quiet:
+            exit_after_reporter(2)
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+@contextmanager
+def leaves_no_new_dirs(path: Path):
+    """The directories among `path` and its parents that do not exist yet, and that the body makes,
+    go again if it fails or is interrupted, as long as they are empty."""
+    missing, folder = [], Path(path)
+    while not folder.exists():
+        missing.append(folder)  # deepest first
+        folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            with suppress(OSError):  # not empty, or never made
+                folder.rmdir()
+        raise
 
 
 def seed(text: str) -> int:

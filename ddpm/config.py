@@ -20,12 +20,16 @@ class UserError(Exception):
 
 def clip(text: str, limit: int = 100) -> str:
     """Another library's message in a UserError's one line: its first line, cut after the last
-    sentence that fits, or else at a word, within `limit` characters."""
+    sentence that fits (if that keeps half of it), or else at a word, or else at `limit` characters."""
     first = (text.splitlines() or [""])[0].strip()
     if len(first) <= limit:
         return first
     sentence_end = first.rfind(". ", 0, limit)
-    return first[:sentence_end + 1] if sentence_end > 0 else textwrap.shorten(first, limit, placeholder=" ...")
+    if sentence_end >= limit // 2:
+        return first[:sentence_end + 1]
+    placeholder = " ..."
+    at_word = textwrap.shorten(first, limit, placeholder=placeholder)
+    return at_word if at_word != placeholder.strip() else first[:limit - len(placeholder)] + placeholder
 
 
 def describe(error: BaseException, limit: int = 100) -> str:

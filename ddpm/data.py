@@ -5,7 +5,6 @@ resident (the whole uint8 dataset on the training device, batches gathered and r
 dali (an NVIDIA DALI pipeline, on the GPU when there is one) and dataloader (a torch Dataset and
 DataLoader converting item by item on the CPU, the seed's baseline).
 """
-import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm import config as config_lib
+from ddpm.cli import leaves_no_new_dirs
 from ddpm.config import UserError
 
 
@@ -104,17 +104,8 @@ def load_torchvision(dataset: str, data_dir: Path, train: bool) -> Digits:
     A failed one leaves none of the directories it made (a mistyped data.dir leaves no trace)."""
     from torchvision import datasets
     cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
-    made, folder = [], Path(data_dir) / cls.__name__ / "raw"  # where torchvision downloads to
-    while not folder.exists():
-        made.append(folder)
-        folder = folder.parent
-    try:
+    with leaves_no_new_dirs(Path(data_dir) / cls.__name__ / "raw"):  # where torchvision downloads to
         ds = cls(str(data_dir), train=train, download=True)
-    except BaseException:
-        for folder in made:  # deepest first; one that holds something stays
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
     return Digits(ds.data, ds.targets.long(), f"{dataset} {IDX_PREFIX[train]} split, downloaded to {data_dir}")
 
 

@@ -133,8 +133,10 @@ def launch(argv: list[str] | None = None) -> int:
     script = os.path.basename(args.training_script)
     try:
         local_world_size = determine_local_world_size(args.nproc_per_node)
+        if local_world_size < 1:
+            raise ValueError("no processes to start")
     except ValueError as e:
-        print(f"torchrun: error: --nproc_per_node={args.nproc_per_node}: {e}", file=sys.stderr)
+        print(f"torchrun: error: --nproc_per_node={args.nproc_per_node}: {e}; pass a count >= 1", file=sys.stderr)
         return 2
     if "OMP_NUM_THREADS" not in os.environ and local_world_size > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # torchrun's own default, without the banner it prints
@@ -144,13 +146,16 @@ def launch(argv: list[str] | None = None) -> int:
         run(args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        if failure.exitcode < 0:
+        status = failure.exitcode
+        if status < 0:
             print(f"{script}: rank {rank} was killed by {failure.signal_name()}"
-                  f"{' (out of memory?)' if -failure.exitcode == signal.SIGKILL else ''}", file=sys.stderr)
-            return 128 - failure.exitcode
-        if failure.exitcode != 2:
-            print(f"{script}: rank {rank} failed with exit status {failure.exitcode} (its error is above)", file=sys.stderr)
-        return failure.exitcode
+                  f"{' (out of memory?)' if -status == signal.SIGKILL else ''}", file=sys.stderr)
+            return 128 - status
+        if status == 2 and failure.local_rank != 0:  # a quiet twin first: its reporter did not exit before it
+            print(f"{script}: rank {rank} stopped on bad input (exit status 2) without printing it", file=sys.stderr)
+        elif status not in (2, 128 + signal.SIGINT, 128 + signal.SIGTERM):  # said: bad input, stopped by a signal
+            print(f"{script}: rank {rank} failed with exit status {status} (its error is above)", file=sys.stderr)
+        return status
     except SignalException as e:  # the workers got the signal too, and have stopped
         return 128 + e.sigval
     return 0

@@ -1,6 +1,5 @@
 """Sampling from a checkpoint and the pictures a run shows: the grid, the denoising GIF, the
 forward-diffusion figure."""
-import contextlib
 import functools
 import sys
 import types
@@ -12,7 +11,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from ddpm import checkpoint, model as model_lib
-from ddpm.cli import check_writable
+from ddpm.cli import check_writable, leaves_no_new_dirs
 from ddpm.config import UserError
 from ddpm.diffusion import Diffusion, SamplerPlan
 from ddpm.runtime import compile_model, precision_dtype, resolve_compile
@@ -205,18 +204,12 @@ def write_samples(net, cfg, out_dir: Path, device, num_images: int, seed: int, g
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; pass a directory for the pictures")
-    made = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # no permission, a file among its parents
-        raise UserError(f"cannot use {out_dir} as the output directory ({e.strerror}); pass another --out") from None
-    try:
+    with leaves_no_new_dirs(out_dir):
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # no permission, a file among its parents
+            raise UserError(f"cannot use {out_dir} as the output directory ({e.strerror}); pass another --out") from None
         return _write_samples(net, cfg, out_dir, device, num_images, seed, gif_frames, progress)
-    except BaseException:
-        if made:
-            with contextlib.suppress(OSError):  # only if empty
-                out_dir.rmdir()
-        raise
 
 
 def _write_samples(net, cfg, out_dir: Path, device, num_images, seed, gif_frames, progress) -> dict:

@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from ddpm import checkpoint, config as config_lib, data, distributed, model as model_lib
+from ddpm import checkpoint, cli, config as config_lib, data, distributed, model as model_lib
 from ddpm.config import UserError
 from ddpm.runtime import compile_model, precision_dtype, resolve_device, resolve_precision, resolve_train_compile
 from ddpm.diffusion import Diffusion
@@ -263,14 +263,15 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 real_splits(cfg.data)  # a missing test split stops now, not at the first evaluation
         except Exception as e:
             failed = e
-    # a failure too: the other ranks then exit with rank 0, which says why, instead of failing in
+    # a failure too: the other ranks then exit after rank 0, which says why, instead of failing in
     # a collective that rank 0 has left
+    exit_status = None if failed is None else 2 if isinstance(failed, UserError) else 1
     resumed, digits, exit_status = distributed.from_main(
-        world, (resumed, digits, None if failed is None else 2 if isinstance(failed, UserError) else 1))
+        world, (resumed, digits, exit_status) if failed is None else (None, None, exit_status))
     if failed is not None:
         raise failed
     if exit_status is not None:
-        raise SystemExit(exit_status)
+        cli.exit_after_reporter(exit_status)
 
     trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
     start = restore(trainer, resumed, ckpt_path) if resumed is not None else 0
@@ -320,7 +321,9 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 loss_sum, steps, stop_votes = distributed.sum_across(world, window).tolist()  # the one host sync
                 stop = stop_votes > 0
                 if not math.isfinite(loss_sum):  # on every rank: rank 0 says it
-                    raise diverged(loss_sum, done, ckpt_path) if world.is_main else SystemExit(2)
+                    if not world.is_main:
+                        cli.exit_after_reporter(2)
+                    raise diverged(loss_sum, done, ckpt_path)
                 images_per_s = steps / world.world_size * t.batch_size / (time.perf_counter() - window_start)
                 if world.is_main:
                     mean_loss = loss_sum / steps

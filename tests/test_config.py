@@ -153,3 +153,5 @@ def test_clip_keeps_whole_sentences_or_words():
     words = "word " * 30
     clipped = config.clip(words, 50)
     assert len(clipped) <= 50 and clipped.endswith("word ...")
+    assert config.clip("Error. " + "detail " * 20, 50).startswith("Error. detail")  # not just "Error."
+    assert config.clip("x" * 150, 50) == "x" * 46 + " ..."  # no word to cut at

@@ -119,11 +119,20 @@ def test_ddp_in_a_process_group_of_one_takes_the_plain_steps():
 
 def test_bad_input_under_torchrun_is_one_line(tmp_path):
     """Every rank meets a bad override: local rank 0 alone prints it, and the launcher adds none of
-    torchrun's traceback and failure table."""
-    result = torchrun(2, "train.py", "--config", "configs/ci.yaml", f"train.out_dir={tmp_path / 'run'}", "train.lr=5",
+    torchrun's traceback and failure table. Local rank 0 starts 2 s late here: the quiet rank must
+    not exit first, or torchrun stops local rank 0 before it has printed."""
+    late = tmp_path / "late_train.py"
+    late.write_text("import os, runpy, sys, time\n"
+                    "if os.environ['LOCAL_RANK'] == '0':\n"
+                    "    time.sleep(2)\n"
+                    "sys.argv[0] = 'train.py'\n"
+                    "runpy.run_path('train.py', run_name='__main__')\n")
+    result = torchrun(2, late, "--config", "configs/ci.yaml", f"train.out_dir={tmp_path / 'run'}", "train.lr=5",
                       status=2)
     assert result.stderr.splitlines() == ["train.py: error: train.lr must lie in (0, 1], got 5.0"]
     assert not (tmp_path / "run").exists()
+    assert torchrun(0, "train.py", status=2).stderr.splitlines() == [
+        "torchrun: error: --nproc_per_node=0: no processes to start; pass a count >= 1"]
 
 
 def test_a_killed_worker_is_one_line_naming_its_rank(tmp_path):

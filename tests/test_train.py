@@ -431,7 +431,8 @@ def test_sample_cli_bad_checkpoints(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
     with monkeypatch.context() as patched:
         patched.setattr(Diffusion, "sample", interrupted)
-        assert run_sample_main(capsys, patched, "--ckpt", str(ckpt), "--out", str(tmp_path / "new")).returncode == 130
+        out = tmp_path / "new" / "pictures"
+        assert run_sample_main(capsys, patched, "--ckpt", str(ckpt), "--out", str(out)).returncode == 130
     assert not (tmp_path / "new").exists()
     state = torch.load(ckpt, weights_only=True)
     state["ema"] = [1, 2]
