@@ -263,11 +263,11 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 real_splits(cfg.data)  # a missing test split stops now, not at the first evaluation
         except Exception as e:
             failed = e
-    # a failure too: the other ranks then exit after rank 0, which says why, instead of failing in
-    # a collective that rank 0 has left
+    # a failure too (as an exit status, without data): the other ranks then exit after rank 0,
+    # which says why, instead of failing in a collective that rank 0 has left
     exit_status = None if failed is None else 2 if isinstance(failed, UserError) else 1
     resumed, digits, exit_status = distributed.from_main(
-        world, (resumed, digits, exit_status) if failed is None else (None, None, exit_status))
+        world, (resumed, digits, None) if failed is None else (None, None, exit_status))
     if failed is not None:
         raise failed
     if exit_status is not None:
