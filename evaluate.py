@@ -54,7 +54,7 @@ def main():
                              "and the network once for its weights); recognizability still uses the classifier")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args()
-    with cli.user_errors("evaluate.py"):
+    with cli.user_errors("evaluate.py", sigterm_cleans_up=True):
         device = resolve_device(args.device)
         cli.check_sampler_options(args.sampler, steps=args.steps)
         args.steps = args.steps or 50

@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
-    with cli.user_errors("sample.py"):
+    with cli.user_errors("sample.py", sigterm_cleans_up=True):
         if not args.out.strip():
             raise UserError("--out needs a directory name, e.g. --out samples")
         device = resolve_device(args.device)

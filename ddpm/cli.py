@@ -1,5 +1,6 @@
 """What the top-level scripts share: bad input becomes one line on stderr and exit status 2."""
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -19,14 +20,27 @@ def exit_after_reporter(status: int) -> NoReturn:
     """Exit with `status` without a word, in a process whose error another reports (rank 0, or local
     rank 0 of its node): after it. torchrun stops every worker as soon as one has failed, and a
     quiet process that left first could have the reporter stopped before it printed."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun's stop ends it at once, whatever handled them
+        signal.signal(sig, signal.SIG_DFL)
     time.sleep(QUIET_EXIT_WAIT_S)
     sys.exit(status)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that the same clean-up runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 @contextmanager
-def user_errors(program: str, quiet: bool = False):
+def user_errors(program: str, quiet: bool = False, sigterm_cleans_up: bool = False):
     """quiet: exit with status 2 without printing, after the process that prints the same error
-    (exit_after_reporter)."""
+    (exit_after_reporter). sigterm_cleans_up: SIGTERM (`kill`, a scheduler's stop) stops the body as
+    Ctrl-C does, with exit status 143, instead of ending the process where it is; not for a process
+    that may wait in a collective, which a Python handler would keep alive until torchrun kills it."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if sigterm_cleans_up else None
     try:
         yield
     except UserError as e:
@@ -34,8 +48,13 @@ def user_errors(program: str, quiet: bool = False):
             exit_after_reporter(2)
         print(f"{program}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(128 + signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,6 +1,7 @@
 """DDP on CPU: torchrun with gloo and two processes."""
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,32 @@ def test_bad_input_under_torchrun_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
     assert torchrun(0, "train.py", status=2).stderr.splitlines() == [
         "torchrun: error: --nproc_per_node=0: no processes to start; pass a count >= 1"]
+
+
+def test_a_diverged_run_is_one_line_and_ends_at_once(tmp_path):
+    """Rank 0 reports the divergence; rank 1 waits to be stopped (cli.exit_after_reporter), and
+    torchrun's SIGTERM ends it at once, though the training loop's own handler (finish the step,
+    save) was still installed: before, it outlived the signal until torchrun's SIGKILL, 30 s on."""
+    poisoned = tmp_path / "poisoned_train.py"
+    poisoned.write_text("import runpy, sys, torch\n"
+                        "from ddpm import cli\n"
+                        "from ddpm.train import Trainer\n"
+                        "cli.QUIET_EXIT_WAIT_S = 120  # what stops rank 1 is torchrun, not the wait's end\n"
+                        "step = Trainer.step\n"
+                        "def poisoned(self, i):\n"
+                        "    loss = step(self, i)\n"
+                        "    with torch.no_grad():\n"
+                        "        next(self.net.parameters()).fill_(float('nan'))\n"
+                        "    return loss\n"
+                        "Trainer.step = poisoned\n"
+                        "sys.argv[0] = 'train.py'\n"
+                        "runpy.run_path('train.py', run_name='__main__')\n")
+    start = time.monotonic()
+    result = torchrun(2, poisoned, "--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={tmp_path / 'run'}",
+                      status=2)
+    assert time.monotonic() - start < 25
+    assert result.stderr.splitlines()[1:] == ["train.py: error: the loss is nan by step 5: training diverged (no "
+                                              "checkpoint was written); lower train.lr or set train.grad_clip"]
 
 
 def test_a_killed_worker_is_one_line_naming_its_rank(tmp_path):

@@ -426,14 +426,22 @@ def test_sample_cli_bad_checkpoints(tmp_path, capsys, monkeypatch):
     assert f"--out {truncated} is a file" in error_of("--ckpt", str(ckpt), "--out", str(truncated))
     line = error_of("--ckpt", str(ckpt), "--out", str(truncated / "pictures"))
     assert "cannot use" in line and "--out" in line
-    # Ctrl-C while sampling: exit status 130, and no empty --out dir left behind
+    # Ctrl-C or SIGTERM while sampling: exit status 130 / 143, and no empty --out dir left behind
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    with monkeypatch.context() as patched:
-        patched.setattr(Diffusion, "sample", interrupted)
-        out = tmp_path / "new" / "pictures"
-        assert run_sample_main(capsys, patched, "--ckpt", str(ckpt), "--out", str(out)).returncode == 130
-    assert not (tmp_path / "new").exists()
+
+    def terminated(*args, **kwargs):
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, handler)  # else the signal ends pytest
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    handler = signal.getsignal(signal.SIGTERM)
+    for stop, status in ((interrupted, 130), (terminated, 143)):
+        with monkeypatch.context() as patched:
+            patched.setattr(Diffusion, "sample", stop)
+            out = tmp_path / "new" / "pictures"
+            assert run_sample_main(capsys, patched, "--ckpt", str(ckpt), "--out", str(out)).returncode == status
+        assert not (tmp_path / "new").exists()
+        assert signal.getsignal(signal.SIGTERM) is handler
     state = torch.load(ckpt, weights_only=True)
     state["ema"] = [1, 2]
     malformed = tmp_path / "malformed.pt"
