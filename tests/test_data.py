@@ -117,6 +117,14 @@ def test_model_input_range_and_size():
     images = torch.tensor([[0, 255]], dtype=torch.uint8).repeat(28, 14).view(1, 28, 28)
     x = data.to_model_input(images, 32, "bilinear")
     assert x.shape == (1, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    # the seed's transform: torchvision's Resize(32) of the PIL image, ToTensor, Normalize(0.5, 0.5);
+    # PIL rounds to uint8 (within one step of 2/255 in [-1, 1])
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+    digits = torch.randint(0, 256, (3, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    seed = torch.stack([TF.to_tensor(TF.resize(Image.fromarray(d.numpy()), 32, TF.InterpolationMode.BILINEAR))
+                        for d in digits]) * 2 - 1
+    torch.testing.assert_close(data.to_model_input(digits, 32, "bilinear"), seed, rtol=0, atol=2 / 255 + 1e-6)
     padded = data.to_model_input(images, 32, "pad")
     assert padded.shape == (1, 1, 32, 32)
     assert (padded[..., :2, :] == -1).all() and torch.equal(padded[..., 2:30, 2:30], images.float().div(127.5).sub(1).unsqueeze(1))

@@ -120,6 +120,29 @@ def test_evaluate_a_tiny_checkpoint(cache, ckpt):
     assert torch.equal(rng, torch.random.get_rng_state())  # training's RNG stream is left alone
 
 
+def test_the_sample_stream_is_one_seeded_run_of_the_named_sampler(ckpt):
+    """Batches of DDIM on `steps` timesteps, or DDPM over all T, drawn one after another from one
+    generator seeded once: the eager sampler's samples, and no batch a repeat of another."""
+    import dataclasses
+
+    from ddpm.diffusion import Diffusion
+    from ddpm.sample import load_model
+    net, cfg, _ = load_model(ckpt, "cpu")
+    net.eval()
+    diffusion = Diffusion.from_config(cfg.diffusion, "cpu")
+    for sampler, steps, sizes in (("ddim", 3, (4, 4, 2)), ("ddpm", 0, (2, 1))):
+        with torch.no_grad():
+            got = list(ev.sample_batches(net, cfg, "cpu", sum(sizes), sampler, steps, sizes[0], seed=5))
+            plan = diffusion.plan(dataclasses.replace(cfg.sample, sampler=sampler, steps=steps or 1))
+            generator = torch.Generator().manual_seed(5)
+            want = [diffusion.sample(net, (b, 1, 32, 32), plan, cfg.sample.clip_x0, generator)[0] for b in sizes]
+        assert len(plan.timesteps) == (steps or cfg.diffusion.timesteps)
+        assert [len(x) for x in got] == list(sizes)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        assert not torch.allclose(got[1], got[0][:len(got[1])], atol=1e-3)
+
+
 def test_evaluate_cli_writes_table_and_json(cache, ckpt, tmp_path):
     out = tmp_path / "scores.json"
     result = run_cli("evaluate.py", "--ckpt", str(ckpt), "--n", "16", "--steps", "2", "--batch-size", "8",

@@ -53,15 +53,15 @@ def _inputs(shape, has_t, device, dtype, param_dtype=None, offset=0.0, seed=0, t
     return x, weight, bias, t, dy
 
 
-def _run(fn, x, weight, bias, t, dy, groups, activation):
-    y = fn(x, weight, bias, groups, 1e-5, t, activation)
+def _run(fn, x, weight, bias, t, dy, groups, activation, eps=1e-5):
+    y = fn(x, weight, bias, groups, eps, t, activation)
     leaves = [x, weight, bias] + ([t] if t is not None else [])
     return [y] + list(torch.autograd.grad(y, leaves, dy))
 
 
-def _reference(x, weight, bias, t, dy, groups, activation):
+def _reference(x, weight, bias, t, dy, groups, activation, eps):
     as64 = [v.detach().double().requires_grad_() if v is not None else None for v in (x, weight, bias, t)]
-    return _run(reference.group_norm_silu, *as64, dy.double(), groups, activation)
+    return _run(reference.group_norm_silu, *as64, dy.double(), groups, activation, eps)
 
 
 def _assert_close(got, want, tol, names, sum_tol):
@@ -82,14 +82,14 @@ def _assert_close(got, want, tol, names, sum_tol):
 
 
 def _check(shape, groups, has_t, activation, device, dtype, param_dtype=None, offset=0.0, tol=None,
-           memory_format=torch.contiguous_format, dy_format=None, t_rows=None):
+           memory_format=torch.contiguous_format, dy_format=None, t_rows=None, eps=1e-5):
     x, weight, bias, t, dy = _inputs(shape, has_t, device, dtype, param_dtype, offset, t_rows=t_rows)
     x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
     dy = dy.contiguous(memory_format=dy_format or memory_format)
-    got = _run(group_norm_silu, x, weight, bias, t, dy, groups, activation)
+    got = _run(group_norm_silu, x, weight, bias, t, dy, groups, activation, eps)
     # the output and dx keep the input's layout: inductor plans the next op's reads on it
     assert got[0].stride() == got[1].stride() == x.stride()
-    want = _reference(x, weight, bias, t, dy, groups, activation)
+    want = _reference(x, weight, bias, t, dy, groups, activation, eps)
     assert got[0].dtype == dtype
     for g, leaf in zip(got[1:], (x, weight, bias, t)):
         assert g.dtype == leaf.dtype
@@ -150,6 +150,14 @@ def test_large_mean_is_stable(shape, groups, device):
     sum/sum-of-squares variance (1e8 + 1 - 1e8 in fp32), even per tile of the tiled walk, fails it
     (at 1,000x a per-tile one-pass variance still passed)."""
     _check(shape, groups, True, True, device, torch.float32, offset=10000.0, tol=1e-3)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 24, 7, 7), 8), ((1, 4, 48, 48), 1), ((2, 48, 30, 30), 2)],
+                         ids=["one tile", "tiles over H*W", "tiles over channels"])
+def test_eps_is_added_to_the_variance(shape, groups, device):
+    """At eps 1e-5 and a variance near 1, eps moves the output by ~5e-6, inside fp32's tolerance:
+    0.5 tells 1/sqrt(var + eps) from any other place for it, on both paths, forward and backward."""
+    _check(shape, groups, True, True, device, torch.float32, eps=0.5)
 
 
 def test_shapes_take_both_paths():

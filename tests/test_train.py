@@ -313,6 +313,28 @@ def test_a_second_sigint_stops_at_once_keeping_the_last_checkpoint(tmp_path, mon
         assert checkpoint.load(tmp_path / f"run{seconds}" / "checkpoint.pt")["step"] == saved_step
 
 
+def test_training_draws_its_grids_and_scores_from_the_ema_weights(tmp_path, monkeypatch):
+    import ddpm.eval
+    import ddpm.train
+    from ddpm.sample import load_model
+    seen = {}
+
+    def recording(name, result):
+        def stub(net, *args, **kwargs):
+            seen[name] = {k: v.clone() for k, v in net.state_dict().items()}
+            return result
+        return stub
+    monkeypatch.setattr(ddpm.eval, "quick_score", recording("scores", {"fid": 1.0}))
+    monkeypatch.setattr(ddpm.train, "sample_grid", recording("grid", torch.zeros(16, 1, 32, 32)))
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=3", "train.eval_every=3", "train.sample_every=3"),
+                 progress=False)
+    ema, raw = (load_model(ckpt, "cpu", use_ema=use_ema)[0].state_dict() for use_ema in (True, False))
+    assert not all(torch.equal(ema[k], raw[k]) for k in ema)  # three steps at ema_decay 0.9 tell them apart
+    for name in ("grid", "scores"):
+        assert seen[name].keys() == ema.keys()
+        assert all(torch.equal(seen[name][k], ema[k]) for k in ema), name
+
+
 def test_a_signal_during_the_last_steps_evaluation_ends_the_run_as_complete(tmp_path, monkeypatch, capsys):
     import ddpm.eval
 
@@ -335,6 +357,37 @@ def test_sample_cli_writes_grid_gif_and_forward_figure(tmp_path):
     gif = Image.open(out / "denoising.gif")
     assert gif.n_frames == 6  # x_T and one frame per step, ending at t = 0
     assert Image.open(out / "forward.png").size[0] > 10 * 32
+
+
+def test_sample_pictures_show_the_samples_and_one_noise_draw_of_the_forward_process(tmp_path, monkeypatch):
+    """samples.png maps [-1, 1] to black..white, image by image in a grid; forward.png is the first
+    sample at t = 0, T/10, ..., T-1 under one noise draw (the generator's next after the sampling)."""
+    import numpy as np
+    from PIL import Image
+
+    from ddpm import model
+    from ddpm.sample import write_samples
+    cfg = ci_config(tmp_path / "run")
+    images = torch.linspace(-1.5, 1.5, 4 * 32 * 32).view(4, 1, 32, 32)  # beyond [-1, 1] at both ends
+    monkeypatch.setattr(Diffusion, "sample", lambda *args, **kwargs: (images.clone(), [images, images]))
+    write_samples(model.build(cfg), cfg, tmp_path / "out", torch.device("cpu"), 4, seed=3)
+
+    def tiles(name, rows, columns):  # save_image's grid: 2 pixels of padding around each 32x32 image
+        pixels = torch.from_numpy(np.array(Image.open(tmp_path / "out" / name).convert("L"))).float()
+        assert pixels.shape == (2 + 34 * rows, 2 + 34 * columns)
+        return torch.stack([pixels[2 + 34 * r:34 + 34 * r, 2 + 34 * c:34 + 34 * c]
+                            for r in range(rows) for c in range(columns)])
+
+    def as_pixels(x):
+        return ((x.clamp(-1, 1) + 1) / 2 * 255).squeeze(1)
+
+    torch.testing.assert_close(tiles("samples.png", 2, 2), as_pixels(images), rtol=0, atol=0.51)
+    diffusion = Diffusion.from_config(cfg.diffusion, "cpu")
+    t = torch.linspace(0, diffusion.timesteps - 1, 11).round().long()
+    noise = torch.randn((1, 32, 32), generator=torch.Generator().manual_seed(3))
+    noised = (diffusion.sqrt_abar[t].view(-1, 1, 1, 1) * images[:1].clamp(-1, 1)
+              + diffusion.sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * noise)
+    torch.testing.assert_close(tiles("forward.png", 1, 11), as_pixels(noised), rtol=0, atol=0.51)
 
 
 @pytest.mark.parametrize("args, message", [
