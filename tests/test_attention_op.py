@@ -113,6 +113,29 @@ def test_strided_input_and_expanded_grad(device):
     torch.testing.assert_close(qkv.grad.double(), ref_grad, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("card,major,sms,dtype,head_dim,expected", [
+    # T4: FMA dots on 16-wide d chunks (no spills), no cp.async pipelining
+    ("T4", 7, 40, torch.float16, 256, dict(BLOCK_R=64, BLOCK_C=64, BLOCK_D=16, num_warps=8, num_stages=1)),
+    # H100, 16-bit: tensor cores on 64-wide d chunks, 32-row blocks halved to cover 132 SMs
+    ("H100", 9, 132, torch.float16, 256, dict(BLOCK_R=16, BLOCK_C=64, BLOCK_D=64, num_warps=4, num_stages=2)),
+    # a head narrower than 64: its own width
+    ("H100", 9, 132, torch.float16, 16, dict(BLOCK_R=16, BLOCK_C=64, BLOCK_D=16, num_warps=4, num_stages=2)),
+    # fp32 runs on FMA units on every card
+    ("H100", 9, 132, torch.float32, 256, dict(BLOCK_R=16, BLOCK_C=64, BLOCK_D=16, num_warps=4, num_stages=2)),
+    # A100: 64-row blocks halved once, which covers its 108 SMs
+    ("A100", 8, 108, torch.bfloat16, 256, dict(BLOCK_R=32, BLOCK_C=64, BLOCK_D=64, num_warps=4, num_stages=2)),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_launch_config_on_each_card(card, major, sms, dtype, head_dim, expected, monkeypatch):
+    """The seed UNet's attention (batch 64, one head, 8x8 positions) on the cards the CPU tests
+    cannot run: tests/test_kernels_compile_for_gpus.py compiles the T4 and H100 choices."""
+    from types import SimpleNamespace
+
+    from kernels.attention import _launch_config
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(major=major, multi_processor_count=sms))
+    assert _launch_config(64, 64, head_dim, dtype, torch.device("cuda")) == expected
+
+
 def test_backward_is_deterministic(device):
     if device.type != "cuda":
         pytest.skip("the interpreter runs programs one after another: only a GPU can reorder them")

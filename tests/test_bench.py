@@ -34,6 +34,23 @@ def test_each_row_is_compared_with_its_own_baseline():
     assert got == [1.0, 4.0, 1.0, 8.0, None, 1.0, 15.0, 1.0, 3.0, 1.0, 2.0, None]
 
 
+def test_the_results_files_carry_the_speedups(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import bench.conftest
+    monkeypatch.setattr(bench.conftest, "ROWS", [
+        dict(kind="train", workload="train step", variant="eager-fp32", batch=64, precision="fp32", median_ms=90.0),
+        dict(kind="train", workload="train step", variant="default", batch=64, precision="bf16", median_ms=30.0)])
+    path, table = bench.conftest.write_results(SimpleNamespace(getoption=lambda name: str(tmp_path)))
+    rows = json.loads(path.with_suffix(".json").read_text())["results"]
+    assert [r["speedup_vs_eager"] for r in rows] == [1.0, 3.0]
+    header = next(line for line in table.splitlines() if line.startswith("| kind"))
+    column = [cell.strip() for cell in header.split("|")].index("speedup_vs_eager")
+    assert [[cell.strip() for cell in line.split("|")][column] for line in table.splitlines()
+            if "| train step |" in line] == ["1", "3"]
+    assert path.with_suffix(".md").read_text() == table
+
+
 def test_training_rows_of_several_precisions_share_the_eager_fp32_baseline():
     rows = [dict(kind="train", workload="train step", variant="eager-fp32", batch=64, precision="fp32", median_ms=90.0),
             dict(kind="train", workload="train step", variant="fp16", batch=64, precision="fp16", median_ms=30.0)]
@@ -105,6 +122,13 @@ def test_every_variant_is_a_valid_config():
     from bench import variants
     for name, overrides in [*variants.TRAIN.items(), *variants.SAMPLE.items()]:
         config.load("configs/mnist.yaml", overrides)
+    # the baselines: every switch off, whatever the device's `auto` would pick
+    train, sample = (config.load("configs/mnist.yaml", variants.TRAIN[variants.BASELINE]),
+                     config.load("configs/mnist.yaml", variants.SAMPLE[variants.BASELINE]))
+    for cfg in (train, sample):
+        assert (cfg.model.kernels, cfg.model.attention) == ("torch", "torch")
+    assert (train.train.precision, train.train.compile, train.data.loader) == ("fp32", "none", "resident")
+    assert (sample.sample.precision, sample.sample.compile, sample.sample.cuda_graph) == ("fp32", "none", "disabled")
     assert variants.GPU_ONLY <= variants.TRAIN.keys() | variants.SAMPLE.keys()
 
 

@@ -31,6 +31,7 @@ def test_seed_config_matches_the_seed():
     ("train.batch_size=-3", "train.batch_size must be >= 1"),
     ("train.batch_size=abc", "train.batch_size must be int"),
     ("train.batch_size=2.5", "train.batch_size must be int"),
+    ("train.steps=true", "train.steps must be int, got True (bool)"),
     ("train.lr=fast", "train.lr must be float"),
     ("sample.clip_x0=3", "sample.clip_x0 must be bool"),
     ("diffusion.timesteps=0", "diffusion.timesteps must be >= 1"),

@@ -87,6 +87,33 @@ def test_mismatched_label_count_is_reported(idx_dir):
         data.load_digits(cfg_for(directory))
 
 
+def test_files_that_are_not_the_datasets_are_reported(idx_dir):
+    """A labels file where the images belong (right magic, one dimension), files of no items, and
+    labels beyond 0-9 (another dataset's)."""
+    directory, images, labels = idx_dir
+    write_idx(directory / "train-images-idx3-ubyte.gz", labels, compress=True)
+    with pytest.raises(data.DataError, match="not an IDX file of 3-d unsigned bytes"):
+        data.load_digits(cfg_for(directory))
+    write_idx(directory / "train-images-idx3-ubyte.gz", images[:0], compress=True)
+    write_idx(directory / "train-labels-idx1-ubyte", labels[:0], compress=False)
+    with pytest.raises(data.DataError, match=r"holds no items \(shape \(0, 28, 28\)\)"):
+        data.load_digits(cfg_for(directory))
+    write_idx(directory / "train-images-idx3-ubyte.gz", images, compress=True)
+    write_idx(directory / "train-labels-idx1-ubyte", labels + 1, compress=False)
+    with pytest.raises(data.DataError, match="holds label 10; mnist's are 0-9"):
+        data.load_digits(cfg_for(directory))
+
+
+def test_the_fingerprint_follows_every_image():
+    images = torch.zeros(3000, 28, 28, dtype=torch.uint8)
+    fingerprint = data.Digits(images, torch.zeros(3000), "zeros").fingerprint()
+    for index in (0, 1500, -1):
+        changed = images.clone()
+        changed[index, 27, 27] = 1
+        assert data.Digits(changed, torch.zeros(3000), "one pixel").fingerprint() != fingerprint
+    assert data.Digits(images[:2999], torch.zeros(2999), "fewer").fingerprint() != fingerprint
+
+
 def test_offline_subset_is_real_mnist():
     digits = data.load_offline_subset()
     assert digits.images.shape == (5000, 28, 28) and digits.images.dtype == torch.uint8

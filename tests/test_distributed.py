@@ -1,4 +1,5 @@
 """DDP on CPU: torchrun with gloo and two processes."""
+import os
 import subprocess
 import sys
 import time
@@ -170,6 +171,20 @@ def test_a_killed_worker_is_one_line_naming_its_rank(tmp_path):
                       "time.sleep(60)\n")
     result = torchrun(2, script, status=128 + 9)
     assert result.stderr.splitlines() == ["worker.py: rank 1 was killed by SIGKILL (out of memory?)"]
+
+
+def test_the_launcher_stopped_by_a_signal_exits_with_its_status(monkeypatch):
+    """Ctrl-C or SIGTERM to torchrun reaches the workers too (they save and stop): the launcher adds
+    nothing to their lines and exits with 128 + the signal's number."""
+    import signal
+
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        def stopped(args, sig=sig):
+            raise SignalException(f"Process {os.getpid()} got signal: {sig}", sigval=sig)
+        monkeypatch.setattr(torch.distributed.run, "run", stopped)
+        assert distributed.launch(["--nproc_per_node=1", "train.py"]) == 128 + sig
 
 
 def test_more_processes_than_gpus_is_a_user_error(monkeypatch):

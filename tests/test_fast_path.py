@@ -186,10 +186,11 @@ def test_compiled_sampling_step_matches_the_eager_loop(sampler, kernels):
 def test_a_sampling_step_in_parts_computes_what_the_whole_batch_does(compile):
     """sample.streams splits the batch (on CUDA, into parallel branches of the graph; here one part
     after another): every image gets the step it gets in the whole batch, unequal parts and more
-    parts than images included. Compiled, one split into equal parts: each part size is a compile
-    (static shapes, ~12 s on a 2-core CPU)."""
+    parts than images included, each with its own images' noise (DDIM at eta 1 adds it). Compiled,
+    one split into equal parts: each part size is a compile (static shapes, ~12 s on a 2-core CPU)."""
     from ddpm.sample import FastStep
-    cfg = config.load("configs/ci.yaml", ["sample.sampler=ddim", "diffusion.timesteps=20", "sample.steps=3"])
+    cfg = config.load("configs/ci.yaml", ["sample.sampler=ddim", "sample.eta=1", "diffusion.timesteps=20",
+                                          "sample.steps=3", "sample.streams=2"])
     torch.manual_seed(0)
     net = model.build(cfg).eval()
     plan = Diffusion.from_config(cfg.diffusion).plan(cfg.sample)
@@ -203,6 +204,7 @@ def test_a_sampling_step_in_parts_computes_what_the_whole_batch_does(compile):
             step.body = lambda i, x, noise: steps_run.append(len(x)) or body(i, x, noise)
             torch.testing.assert_close(step(1, x, noise), whole, rtol=1e-5, atol=1e-6)
             assert steps_run == parts
+    assert FastStep.from_config(net, plan, cfg.sample, "cpu").streams == 2
 
 
 def test_the_sampling_step_clips_as_asked():
@@ -237,6 +239,16 @@ def test_the_sampling_step_runs_the_unet_in_its_precision(precision, dtype):
     with torch.no_grad():
         out = step(0, x, torch.randn_like(x))
     assert seen == [dtype] and out.dtype == torch.float32
+    # the compiled step's time-bias table (built at once; the compile waits for the first call)
+    tables = set()
+
+    def time_biases(t):
+        biases = model.UNet.time_biases(net, t)
+        tables.update(b.dtype for b in biases)
+        return biases
+    net.time_biases = time_biases
+    FastStep(net, plan, True, "cpu", precision=precision, compile="default", cuda_graph="auto")
+    assert tables == {dtype}
 
 
 @pytest.mark.parametrize("compile,computes_time_biases", [("default", False), ("none", True)])
@@ -356,6 +368,7 @@ def test_cuda_training_steps_never_wait_for_the_gpu(overrides):
     images = sixty_four_digits()
     cfg = config.load("configs/ci.yaml", ["train.device=cuda", "train.compile=none", *FUSED, *overrides])
     trainer = Trainer(cfg, torch.device("cuda"), images)
+    assert trainer.opt.defaults["fused"]  # the unfused Adam launches kernels per parameter
     # Triton and inductor compile, CUDA graphs warm up and record, the allocator warms up
     losses = [trainer.step(step) for step in range(3)]
     with no_host_sync():

@@ -203,11 +203,21 @@ def test_resume_refuses_other_settings_and_missing_runs(tmp_path):
     with pytest.raises(UserError, match="nothing to resume"):
         train(ci_config(tmp_path / "r"), resume=True, progress=False)
     train(ci_config(tmp_path / "r", "train.steps=1"), progress=False)
-    with pytest.raises(UserError, match=r"other settings \(train.lr\)"):
-        train(ci_config(tmp_path / "r", "train.steps=2", "train.lr=0.5"), resume=True, progress=False)
+    for change in ("train.lr=0.5", "train.batch_size=8", "train.seed=1", "train.ema_decay=0.5",
+                   "diffusion.timesteps=50", "model.base_channels=16", "data.resize=pad"):
+        with pytest.raises(UserError, match=rf"other settings \({change.split('=')[0]}\)"):
+            train(ci_config(tmp_path / "r", "train.steps=2", change), resume=True, progress=False)
     with pytest.raises(UserError, match="already holds a run"):
         train(ci_config(tmp_path / "r", "train.steps=2"), progress=False)
+    (tmp_path / "r" / "samples").mkdir()  # sample.py's pictures of the old run
     assert checkpoint.load(train(ci_config(tmp_path / "r", "train.steps=2"), overwrite=True, progress=False))["step"] == 2
+    assert not (tmp_path / "r" / "samples").exists() and len(list((tmp_path / "r" / "tb").iterdir())) == 1
+    # a run dir holding a config alone: a run that stopped before its first checkpoint
+    (tmp_path / "early").mkdir()
+    config.save(ci_config(tmp_path / "early"), tmp_path / "early" / "config.yaml")
+    with pytest.raises(UserError, match="stopped before its first checkpoint; pass --overwrite"):
+        train(ci_config(tmp_path / "early", "train.steps=1"), progress=False)
+    assert checkpoint.load(train(ci_config(tmp_path / "early", "train.steps=1"), overwrite=True, progress=False))
 
 
 def write_idx_digits(folder: Path, images: torch.Tensor) -> None:
@@ -460,9 +470,19 @@ def test_sample_cli_bad_checkpoints(tmp_path, capsys, monkeypatch):
     assert "cannot be read (EOFError" in error_of("--ckpt", str(empty), "--out", str(tmp_path))
     assert "is a directory" in error_of("--ckpt", str(tmp_path), "--out", str(tmp_path))
     state = torch.load(ckpt, weights_only=True)
-    state["step"] = "abc"
-    torch.save(state, tmp_path / "bad-step.pt")
-    assert "step count of 'abc'" in error_of("--ckpt", str(tmp_path / "bad-step.pt"), "--out", str(tmp_path))
+    state["config"]["model"]["attention_resolutions"] = []  # weights left over, none missing a shape
+    torch.save(state, mismatched)
+    assert "does not match the model" in error_of("--ckpt", str(mismatched), "--out", str(tmp_path))
+    for step in ("abc", True):
+        state = torch.load(ckpt, weights_only=True)
+        state["step"] = step
+        torch.save(state, tmp_path / "bad-step.pt")
+        assert f"step count of {step!r}" in error_of("--ckpt", str(tmp_path / "bad-step.pt"), "--out", str(tmp_path))
+    state = torch.load(ckpt, weights_only=True)
+    del state["rng"]
+    torch.save(state, tmp_path / "no-rng.pt")
+    assert "not a checkpoint of this toolkit (missing keys)" in error_of("--ckpt", str(tmp_path / "no-rng.pt"),
+                                                                         "--out", str(tmp_path))
     # the options of the other sampler, and outputs that cannot be written, fail before any sampling
     line = error_of("--ckpt", str(ckpt), "--out", str(tmp_path), "--steps", "3")
     assert "--steps is an option of the DDIM sampler, not of DDPM" in line
@@ -542,6 +562,7 @@ def test_optimizer_warmup_and_clipping_are_the_configs(tmp_path):
         assert abs(norm.item() - 0.001) < 1e-6, norm
     # linear warmup over train.warmup_steps steps: step k runs at lr * (k + 1) / warmup, then lr
     assert lrs == pytest.approx([0.0005, 0.001, 0.0015, 0.002, 0.002, 0.002])
+    assert _trainer(tmp_path, "train.lr=0.002", "train.warmup_steps=0").opt.param_groups[0]["lr"] == 0.002
     unclipped = _trainer(tmp_path)
     unclipped.step(0)
     assert torch.nn.utils.get_total_norm([p.grad for p in unclipped.net.parameters()]) > 0.01
@@ -566,6 +587,7 @@ def test_the_training_step_runs_the_unet_in_its_precision(tmp_path, precision, d
     conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     trainer.step(0)
     assert seen == [dtype]
+    assert trainer.scaler.is_enabled() == (precision == "fp16")  # loss scaling for fp16 alone
 
 
 def test_each_step_moves_the_ema_weights_by_its_decay(tmp_path):
