@@ -377,6 +377,32 @@ def test_cuda_training_steps_never_wait_for_the_gpu(overrides):
 
 
 @on_cuda
+def test_the_training_loop_reads_the_device_only_when_it_logs(tmp_path, monkeypatch):
+    """Around Trainer.step (the test above), train()'s loop keeps the loss window on the device:
+    between two logs nothing it does waits for the GPU. Checked from the end of each step (after
+    three of warm-up) to the start of the next, except where it logs or saves."""
+    from ddpm.train import train
+    step, checked = Trainer.step, []
+
+    def step_then_watch(self, i):
+        torch.cuda.set_sync_debug_mode("default")
+        loss = step(self, i)
+        if i >= 3 and (i + 1) % 5 and i + 1 < 12:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            checked.append(i + 1)
+        return loss
+    monkeypatch.setattr(Trainer, "step", step_then_watch)
+    cfg = config.load("configs/ci.yaml", ["train.device=cuda", f"train.out_dir={tmp_path / 'run'}", "train.steps=12",
+                                          "train.log_every=5", "train.checkpoint_every=100", "train.compile=none"])
+    try:
+        train(cfg, progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checked == [4, 6, 7, 8, 9, 11]
+
+
+@on_cuda
 def test_cuda_graphed_training_takes_the_eager_steps():
     """reduce-overhead replays forward and backward from CUDA graphs, whose outputs the next replay
     overwrites: 8 graphed fp32 steps with the Triton ops follow the eager fp32 steps' losses (stale or
