@@ -3,6 +3,7 @@ and the loss comparison."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,7 @@ def test_the_loss_comparison_of_two_identical_paths_finds_no_difference(tmp_path
     report = json.loads((tmp_path / "loss_comparison.json").read_text())
     eager, default = report["runs"]["eager-fp32"], report["runs"]["default"]
     assert len(eager["curve"]) == 4 and eager["curve"] == default["curve"]
+    assert eager["final_loss"] == eager["curve"][-1] != eager["curve"][0]
     assert report["relative_final_loss_difference"] == 0.0
     assert "relative final-loss difference (default vs eager): +0.00%" in (tmp_path / "loss_comparison.md").read_text()
 
@@ -225,3 +227,15 @@ def test_the_sampling_probe_writes_a_row_per_option_set(tmp_path):
     rows = (tmp_path / "sampling-options.md").read_text().splitlines()[-2:]
     assert [row.split(" | ")[0] for row in rows] == ["| eager-fp32", "| no time table"]
     assert not any("failed" in row for row in rows), rows
+
+
+def test_kernel_timing_leaves_out_the_warm_up_calls():
+    from bench.timing import time_fn
+    calls = []
+
+    def slow_first():
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.2)  # a compile
+    timing = time_fn(slow_first, warmup=2, repeats=5)
+    assert len(calls) == 7 and timing["max_ms"] < 100, timing

@@ -156,3 +156,22 @@ def test_clip_keeps_whole_sentences_or_words():
     assert len(clipped) <= 50 and clipped.endswith("word ...")
     assert config.clip("Error. " + "detail " * 20, 50).startswith("Error. detail")  # not just "Error."
     assert config.clip("x" * 150, 50) == "x" * 46 + " ..."  # no word to cut at
+
+
+def test_cli_seeds_and_the_write_probe(tmp_path, monkeypatch):
+    """--seed takes [0, 2**63); an output file's folder is tried with a real write before the work."""
+    import argparse
+    import tempfile
+
+    from ddpm import cli
+    assert cli.seed("0") == 0 and cli.seed(str(2**63 - 1)) == 2**63 - 1
+    for bad in ("-1", str(2**63)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.seed(bad)
+    cli.check_writable(tmp_path / "scores.json", "--json")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)  # a chmod would not stop root
+    with pytest.raises(config.UserError, match=r"--json .*scores.json: cannot write in .* \(Permission denied\)"):
+        cli.check_writable(tmp_path / "scores.json", "--json")

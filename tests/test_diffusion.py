@@ -210,3 +210,22 @@ def test_sample_asks_the_model_at_the_plans_timesteps_and_steps_from_pure_noise(
         x = plan.mean_x0[i] * x0 + plan.mean_xt[i] * x + plan.sigma[i] * torch.randn(3, 1, 4, 4, generator=g)
     assert len(calls) == 5 and plan.timesteps.tolist() == [999, 749, 500, 250, 0]
     torch.testing.assert_close(out, x)
+
+
+def test_a_config_names_its_samplers_plan():
+    """sample.eta and sample.variance reach the plan: DDIM at eta 0.5 adds noise, DDPM with the
+    posterior variance takes beta-tilde."""
+    d = Diffusion(T)
+
+    def fields(plan):
+        return [getattr(plan, f) for f in plan.__dataclass_fields__]
+
+    def plan_of(*overrides):
+        return d.plan(config.load(None, list(overrides)).sample)
+    for got, want in ((plan_of("sample.sampler=ddim", "sample.steps=20", "sample.eta=0.5"), d.ddim_plan(20, 0.5)),
+                      (plan_of("sample.sampler=ddim", "sample.steps=20"), d.ddim_plan(20, 0.0)),
+                      (plan_of("sample.sampler=ddpm", "sample.variance=posterior"), d.ddpm_plan("posterior")),
+                      (plan_of("sample.sampler=ddpm"), d.ddpm_plan("beta"))):
+        assert all(torch.equal(a, b) for a, b in zip(fields(got), fields(want)))
+    assert (plan_of("sample.sampler=ddim", "sample.steps=20", "sample.eta=0.5").sigma[:-1] > 0).all()
+    assert not torch.equal(d.ddpm_plan("posterior").sigma, d.ddpm_plan("beta").sigma)

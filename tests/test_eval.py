@@ -62,6 +62,8 @@ def test_classifier_cache_round_trip_and_corrupt_file(cache, tmp_path, monkeypat
     monkeypatch.setattr(ev, "train_classifier", lambda *a, **k: pytest.fail("a cached classifier was retrained"))
     net = ev.get_classifier(data_cfg, "cpu")
     assert all(torch.equal(v, state["weights"][k]) for k, v in net.state_dict().items())
+    # the accuracy it reports is on the held-out digits, not on those it learned
+    assert state["accuracy"] == pytest.approx(ev.accuracy(net, ev.real_splits(data_cfg).held_out, data_cfg, "cpu"))
 
     monkeypatch.undo()
     monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
@@ -92,6 +94,12 @@ def test_metrics_tell_real_digits_from_noise(cache, tmp_path):
     assert noise["kid"] > 20 * max(real["kid"], 1e-3 * noise["kid"]), (real, noise)
     assert real["recognizable"] > 0.6 and noise["recognizable"] < 0.2, (real, noise)
     assert real["class_tv"] < 0.1
+    # the floor scores the held-out digits (not the reference against itself, which gives 0)
+    assert real["fid"] > 0 and scorer.score(scorer._batches(scorer.floor_images))["fid"] == pytest.approx(real["fid"])
+    # features in units of their RMS over the training digits (KID's kernel assumes O(1) features)
+    with torch.no_grad():
+        rms = scorer.classifier(next(scorer._batches(scorer.reference))).square().mean().sqrt()
+    assert 0.8 < rms < 1.25, rms
     splits = ev.real_splits(ci_config(tmp_path).data)
     as_bytes = lambda images: {image.numpy().tobytes() for image in images}  # noqa: E731
     held_out, trained_on = as_bytes(splits.held_out.images), as_bytes(splits.train.images)
@@ -240,3 +248,29 @@ def test_evaluate_cli_options_reach_the_sampler(ckpt, monkeypatch):
             main()
     assert seen == [True, ("auto", "auto", "auto", 1, 10_000, "ddim", 50, 500, 0),
                     False, ("fp16", "default", "disabled", 2, 30, "ddim", 7, 9, 3)]
+
+
+def test_evaluate_prints_and_records_what_it_ran(ckpt, monkeypatch, tmp_path, capsys):
+    """The table puts each score beside its own floor; --json records the run's settings (DDPM: all
+    T steps) with the scores."""
+    import runpy
+    from types import SimpleNamespace
+    main = runpy.run_path(str(ROOT / "evaluate.py"))["main"]
+    scores = dict(fid=1.0, kid=3.0, kid_std=0.5, recognizable=0.25, class_tv=0.125, floor_fid=2.0, floor_kid=4.0,
+                  floor_kid_std=0.7, floor_recognizable=0.75, floor_class_tv=0.0625, num_samples=6,
+                  floor_num_samples=6, num_reference=6, seconds=1.0)
+    monkeypatch.setitem(main.__globals__, "Scorer", lambda *args, **kwargs: SimpleNamespace(
+        feature_extractor="features", description="real digits"))
+    monkeypatch.setitem(main.__globals__, "evaluate", lambda *args, **kwargs: scores)
+    out = tmp_path / "scores.json"
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", str(ckpt), "--device", "cpu", "--raw-weights",
+                                      "--sampler", "ddpm", "--n", "6", "--seed", "4", "--json", str(out)])
+    main()
+    table = capsys.readouterr().out
+    for row in ("| Fréchet distance (lower is better) | 1.000 | 2.000 |", "| KID (lower is better) | 3.000 ± 0.500 | 4.000 ± 0.700 |",
+                "| recognizable (top prob > 0.9) | 25.0% | 75.0% |", "| class histogram TV from uniform | 0.125 | 0.062 |"):
+        assert row in table, table
+    record = json.loads(out.read_text())
+    assert {k: record[k] for k in ("sampler", "steps", "seed", "weights")} == dict(
+        sampler="ddpm", steps=100, seed=4, weights="raw")
+    assert record["scores"] == scores

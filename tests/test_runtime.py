@@ -141,3 +141,6 @@ def test_compiled_artifacts_are_cached_per_version_of_the_kernels(monkeypatch, t
     monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "cache"))
     runtime.compile_model(lambda x: x, "default", torch.device("cpu"))  # compiles lazily: nothing runs
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor" / runtime.kernels_fingerprint())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's own stays
+    runtime.compile_model(lambda x: x, "default", torch.device("cpu"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

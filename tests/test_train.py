@@ -1,6 +1,7 @@
 import os
 import pickle
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -163,8 +164,9 @@ def test_the_triton_ops_on_a_cpu_without_the_interpreter(tmp_path, monkeypatch, 
     state["config"]["model"]["kernels"] = "triton"  # as a GPU run with the op would have saved it
     torch.save(state, ckpt)
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(UserError, match="model.kernels=triton needs a CUDA GPU"):
-        _trainer(tmp_path, "model.kernels=triton")
+    for key in ("kernels", "attention"):
+        with pytest.raises(UserError, match=f"model.{key}=triton needs a CUDA GPU"):
+            _trainer(tmp_path, f"model.{key}=triton")
     capsys.readouterr()
     net, cfg, _ = load_model(ckpt, "cpu")
     assert cfg.model.kernels == "auto" and net.backends[0] == "torch"
@@ -679,3 +681,22 @@ def test_sample_cli_options_reach_the_sampler(tmp_path, monkeypatch):
     assert all(torch.equal(v, state["model"][k]) for k, v in net.state_dict().items())
     assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])  # the two differ
     assert run("--variance", "posterior")[1].sample.variance == "posterior"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make here (the GPU check runs pytest alone)")
+def test_make_train_continues_a_run_dir_that_holds_a_checkpoint(tmp_path):
+    """The Makefile passes --resume where the config's train.out_dir (ARGS' overrides included)
+    holds a checkpoint, unless ARGS says --overwrite; a dry run of the command it would run."""
+    run = tmp_path / "run"
+
+    def train_command(args):
+        result = subprocess.run(["make", "-n", "-o", ".venv/.installed", f"PYTHON={sys.executable}", "train",
+                                 "CONFIG=configs/ci.yaml", f"ARGS={args}"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        return next(line for line in result.stdout.splitlines() if "train.py" in line)
+    assert "--resume" not in train_command(f"train.out_dir={run} train.steps=3")
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert "--resume" in train_command(f"train.out_dir={run} train.steps=3")
+    assert "--resume" not in train_command(f"--overwrite train.out_dir={run}")
