@@ -175,3 +175,20 @@ def test_cli_seeds_and_the_write_probe(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "TemporaryFile", refused)  # a chmod would not stop root
     with pytest.raises(config.UserError, match=r"--json .*scores.json: cannot write in .* \(Permission denied\)"):
         cli.check_writable(tmp_path / "scores.json", "--json")
+
+
+def test_the_other_samplers_options_are_refused_even_at_zero():
+    from ddpm import cli
+    with pytest.raises(config.UserError, match="--eta is an option of the DDIM sampler, not of DDPM"):
+        cli.check_sampler_options("ddpm", eta=0.0)
+    with pytest.raises(config.UserError, match="--steps and --eta are options of the DDIM sampler"):
+        cli.check_sampler_options("ddpm", steps=0, eta=0.0)
+    cli.check_sampler_options("ddim", steps=0, eta=0.0, variance=None)
+
+
+def test_ci_runs_the_readmes_whole_test_command():
+    """CI must run every test: `make test` as the README gives it, with no selection."""
+    commands = [line.strip() for line in (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert commands[-1] == "make test"
+    assert "make test" in (Path(__file__).resolve().parents[1] / "README.md").read_text()
