@@ -239,3 +239,22 @@ def test_kernel_timing_leaves_out_the_warm_up_calls():
             time.sleep(0.2)  # a compile
     timing = time_fn(slow_first, warmup=2, repeats=5)
     assert len(calls) == 7 and timing["max_ms"] < 100, timing
+
+
+def test_the_loss_comparison_times_the_steps_after_its_first_window(monkeypatch):
+    """The first window (compilation, CUDA-graph capture, warm-up) is in the curve, not in the time."""
+    import bench.compare_losses
+
+    class SlowFirstStep:
+        def __init__(self, *args):
+            pass
+
+        def step(self, i):
+            if i == 0:
+                time.sleep(0.5)  # a compile
+            return torch.tensor(float(i))
+    monkeypatch.setattr(bench.compare_losses, "Trainer", SlowFirstStep)
+    cfg = config.load("configs/ci.yaml", [])
+    result = bench.compare_losses.run(cfg, torch.device("cpu"), None, steps=6, window=2)
+    assert result["curve"] == [0.5, 2.5, 4.5] and result["final_loss"] == 4.5
+    assert result["seconds"] < 0.25, result["seconds"]
