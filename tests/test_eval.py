@@ -262,6 +262,10 @@ def test_evaluate_prints_and_records_what_it_ran(ckpt, monkeypatch, tmp_path, ca
     monkeypatch.setitem(main.__globals__, "Scorer", lambda *args, **kwargs: SimpleNamespace(
         feature_extractor="features", description="real digits"))
     monkeypatch.setitem(main.__globals__, "evaluate", lambda *args, **kwargs: scores)
+    from ddpm import checkpoint
+    written, write_atomically = [], checkpoint.write_atomically
+    monkeypatch.setattr(checkpoint, "write_atomically",
+                        lambda path, write: written.append(path) or write_atomically(path, write))
     out = tmp_path / "scores.json"
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", str(ckpt), "--device", "cpu", "--raw-weights",
                                       "--sampler", "ddpm", "--n", "6", "--seed", "4", "--json", str(out)])
@@ -274,3 +278,4 @@ def test_evaluate_prints_and_records_what_it_ran(ckpt, monkeypatch, tmp_path, ca
     assert {k: record[k] for k in ("sampler", "steps", "seed", "weights")} == dict(
         sampler="ddpm", steps=100, seed=4, weights="raw")
     assert record["scores"] == scores
+    assert written == [out]  # whole or not at all: an earlier file survives a failed write
