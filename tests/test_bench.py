@@ -258,3 +258,12 @@ def test_the_loss_comparison_times_the_steps_after_its_first_window(monkeypatch)
     result = bench.compare_losses.run(cfg, torch.device("cpu"), None, steps=6, window=2)
     assert result["curve"] == [0.5, 2.5, 4.5] and result["final_loss"] == 4.5
     assert result["seconds"] < 0.25, result["seconds"]
+
+
+def test_benchmark_rounds_continue_where_the_last_stopped():
+    from bench.common import consecutive_steps
+    steps = []
+    round_of_three = consecutive_steps(steps.append, 3, torch.device("cpu"))
+    round_of_three()
+    round_of_three()
+    assert steps == [0, 1, 2, 3, 4, 5]

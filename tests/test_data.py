@@ -199,3 +199,35 @@ def test_loader_rejects_impossible_batches():
         data.ResidentLoader(images, 16, 0, "cpu")
     with pytest.raises(data.DataError, match="divisible by the number of processes"):
         data.ResidentLoader(images, 5, 0, "cpu", world_size=2)
+
+
+def test_fashion_mnist_never_falls_back_to_the_mnist_subset(tmp_path, monkeypatch, capsys):
+    """The offline subset is MNIST's: a failed Fashion-MNIST download is an error, not digits."""
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error [Errno -3] no network>")
+    monkeypatch.setattr(data, "load_torchvision", offline)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_DIR", tmp_path / "no-debian-package")
+    fashion = config.load(None, ["data.dataset=fashion_mnist", "data.source=auto", f"data.dir={tmp_path}"]).data
+    with pytest.raises(data.DataError, match="could not download fashion_mnist .*no network.*: put its IDX files in"):
+        data.load_digits(fashion)
+    assert "offline subset" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["resident", "dataloader"])
+def test_each_loader_name_builds_its_loader(kind):
+    images = torch.zeros(32, 28, 28, dtype=torch.uint8)
+    loader = data.make_loader(kind, images, 8, 0, torch.device("cpu"))
+    assert type(loader) is {"resident": data.ResidentLoader, "dataloader": data.DataLoaderLoader}[kind]
+
+
+def test_a_streaming_loader_keeps_its_pipeline_while_steps_follow_each_other(monkeypatch):
+    """One iterator (DataLoader workers, a DALI pipeline) for consecutive steps; a jump starts another."""
+    images = torch.zeros(32, 28, 28, dtype=torch.uint8)
+    loader = data.make_loader("dataloader", images, 8, 0, torch.device("cpu"))
+    iterate, starts = loader._iterate, []
+    monkeypatch.setattr(loader, "_iterate", lambda start: starts.append(start) or iterate(start))
+    for step in range(10):
+        loader.batch(step)
+    loader.batch(3)
+    loader.batch(4)
+    assert starts == [0, 3]

@@ -187,6 +187,27 @@ def test_the_launcher_stopped_by_a_signal_exits_with_its_status(monkeypatch):
         assert distributed.launch(["--nproc_per_node=1", "train.py"]) == 128 + sig
 
 
+def test_each_process_takes_its_local_ranks_gpu_and_talks_nccl(monkeypatch):
+    """Rank 3 of 4, the second process of its node: cuda:1, NCCL; on a CPU, gloo."""
+    for name, value in (("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen, backends = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", backends.append)
+    world, device = distributed.init(torch.device("cuda"))
+    assert (world.rank, world.world_size, world.local_rank) == (3, 4, 1)
+    assert device == torch.device("cuda", 1) and chosen == [device] and backends == ["nccl"]
+    assert distributed.init(torch.device("cpu"))[1] == torch.device("cpu") and backends == ["nccl", "gloo"]
+
+
+def test_ddp_wraps_with_bucket_view_gradients_and_a_static_graph():
+    with distributed.solo_group(torch.device("cpu")):
+        ddp = distributed.wrap(torch.nn.Linear(2, 2), torch.device("cpu"))
+        assert ddp.gradient_as_bucket_view and ddp.static_graph
+
+
 def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

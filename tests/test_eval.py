@@ -107,6 +107,12 @@ def test_metrics_tell_real_digits_from_noise(cache, tmp_path):
     assert len(floor) == 400 and floor <= held_out and not floor & trained_on and reference <= trained_on
 
 
+def test_the_offline_subset_splits_into_two_balanced_halves(tmp_path):
+    splits = ev.real_splits(ci_config(tmp_path).data)
+    for half in (splits.train, splits.held_out):
+        assert len(half.images) == 2500 and torch.bincount(half.labels, minlength=10).tolist() == [250] * 10
+
+
 def test_class_histogram_distance():
     assert ev.class_histogram_tv(torch.arange(10).repeat(50)) == pytest.approx(0.0, abs=1e-12)
     assert ev.class_histogram_tv(torch.full((300,), 7)) == pytest.approx(0.9)

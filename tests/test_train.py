@@ -341,6 +341,8 @@ def test_training_draws_its_grids_and_scores_from_the_ema_weights(tmp_path, monk
     ckpt = train(ci_config(tmp_path / "run", "train.steps=3", "train.eval_every=3", "train.sample_every=3"),
                  progress=False)
     ema, raw = (load_model(ckpt, "cpu", use_ema=use_ema)[0].state_dict() for use_ema in (True, False))
+    default = load_model(ckpt, "cpu")[0].state_dict()  # what a caller gets without asking: the EMA weights
+    assert all(torch.equal(default[k], ema[k]) for k in ema)
     assert not all(torch.equal(ema[k], raw[k]) for k in ema)  # three steps at ema_decay 0.9 tell them apart
     for name in ("grid", "scores"):
         assert seen[name].keys() == ema.keys()
@@ -700,3 +702,34 @@ def test_make_train_continues_a_run_dir_that_holds_a_checkpoint(tmp_path):
     (run / "checkpoint.pt").write_bytes(b"")
     assert "--resume" in train_command(f"train.out_dir={run} train.steps=3")
     assert "--resume" not in train_command(f"--overwrite train.out_dir={run}")
+
+
+def test_tensorboard_gets_each_windows_mean_loss_the_scheduled_lr_and_the_speed(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(ci_config(tmp_path / "run", "train.steps=4", "train.log_every=2", "train.warmup_steps=4", "train.lr=0.002"),
+          progress=False)
+    printed = [float(line.split()[3]) for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert [step for step, _ in scalars["train/loss"]] == [2, 4]
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx(printed, abs=1e-4)
+    # the rate of the step that follows: warmup's (k + 1) / 4 after k steps, then the full rate
+    assert scalars["train/lr"] == [(2, pytest.approx(0.0015)), (4, pytest.approx(0.002))]
+    assert [step for step, value in scalars["train/images_per_s"] if value > 0] == [2, 4]
+
+
+def test_the_training_grid_is_ddim50_from_the_same_noise_every_time(monkeypatch):
+    from ddpm import model
+    from ddpm.train import sample_grid
+    cfg = ci_config("unused")
+    torch.manual_seed(0)
+    net = model.build(cfg).eval()
+    diffusion = Diffusion.from_config(cfg.diffusion)
+    plans = []
+    ddim_plan = diffusion.ddim_plan
+    monkeypatch.setattr(diffusion, "ddim_plan", lambda steps, eta: plans.append((steps, eta)) or ddim_plan(steps, eta))
+    with torch.no_grad():
+        first = sample_grid(net, diffusion, 32, n=2)
+        torch.manual_seed(123)  # the global RNG plays no part
+        second = sample_grid(net, diffusion, 32, n=2)
+    assert torch.equal(first, second) and plans == [(50, 0.0), (50, 0.0)]
