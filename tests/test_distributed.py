@@ -163,6 +163,26 @@ def test_a_diverged_run_is_one_line_and_ends_at_once(tmp_path):
                                               "checkpoint was written); lower train.lr or set train.grad_clip"]
 
 
+def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Ctrl-C reaching rank 1 alone (a per-process signal): its vote, summed with the loss window at
+    the next log, stops both ranks there; rank 0 saves that step and says so."""
+    signalled = tmp_path / "signalled_train.py"
+    signalled.write_text("import os, runpy, signal, sys\n"
+                         "from ddpm.train import Trainer\n"
+                         "step = Trainer.step\n"
+                         "def step_then_signal(self, i):\n"
+                         "    if i == 6 and os.environ['RANK'] == '1':\n"
+                         "        os.kill(os.getpid(), signal.SIGINT)\n"
+                         "    return step(self, i)\n"
+                         "Trainer.step = step_then_signal\n"
+                         "sys.argv[0] = 'train.py'\n"
+                         "runpy.run_path('train.py', run_name='__main__')\n")
+    result = torchrun(2, signalled, "--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={tmp_path / 'run'}",
+                      "train.steps=40", "train.log_every=5", "train.checkpoint_every=100", status=130)
+    assert f"stopped by signal after step 10: saved {tmp_path / 'run' / 'checkpoint.pt'}" in result.stderr
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 10
+
+
 def test_a_killed_worker_is_one_line_naming_its_rank(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text("import os, signal, time\n"
