@@ -183,6 +183,24 @@ def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 10
 
 
+def test_images_per_second_counts_the_global_batch_on_any_world_size(tmp_path):
+    """A clock that moves 1 s between readings: each window of 5 steps at a global batch of 16 took
+    1 s, so 80 images/s, whether one process took the steps or two took half of each batch."""
+    clocked = tmp_path / "clocked_train.py"
+    clocked.write_text("import itertools, runpy, sys, time, types\n"
+                       "import ddpm.train\n"
+                       "ticks = itertools.count()\n"
+                       "ddpm.train.time = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)),\n"
+                       "                                        monotonic=time.monotonic)\n"
+                       "sys.argv[0] = 'train.py'\n"
+                       "runpy.run_path('train.py', run_name='__main__')\n")
+    for nproc in (1, 2):
+        result = torchrun(nproc, clocked, "--config", "configs/ci.yaml", "--no-progress",
+                          f"train.out_dir={tmp_path / f'run{nproc}'}", "train.steps=10", "train.log_every=5")
+        speeds = [line.split()[-2] for line in result.stderr.splitlines() if line.startswith("step ")]
+        assert speeds == ["80", "80"], result.stderr
+
+
 def test_a_killed_worker_is_one_line_naming_its_rank(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text("import os, signal, time\n"
