@@ -21,4 +21,8 @@ torch.save(trainer.net.state_dict(), out / f"world{world.world_size}-rank{world.
 # how many graphs dynamo compiled (0 in eager runs): one per compiled run, none recompiled
 (out / f"graphs-world{world.world_size}-rank{world.rank}.txt").write_text(
     str(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+# as train() ends: DDP's reducer (and the gloo work it holds) freed, every rank past its last collective,
+# then the group destroyed; a gloo rank once aborted at exit ("terminate called without an active exception")
+del trainer
+distributed.barrier(world)
 distributed.shutdown()
