@@ -23,6 +23,14 @@ def torchrun(nproc: int, *args, status: int = 0):
     return result
 
 
+def patched_train(path: Path, patch: str) -> Path:
+    """A script for torchrun that runs `patch` (Python source) in each worker, then train.py."""
+    path.write_text(patch + "import runpy, sys\n"
+                            "sys.argv[0] = 'train.py'\n"
+                            "runpy.run_path('train.py', run_name='__main__')\n")
+    return path
+
+
 def test_two_ranks_stay_identical_and_match_one_process_on_the_global_batch(tmp_path):
     torchrun(2, "tests/ddp_worker.py", tmp_path, 5)
     torchrun(1, "tests/ddp_worker.py", tmp_path, 5)
@@ -123,12 +131,9 @@ def test_bad_input_under_torchrun_is_one_line(tmp_path):
     """Every rank meets a bad override: local rank 0 alone prints it, and the launcher adds none of
     torchrun's traceback and failure table. Local rank 0 starts 2 s late here: the quiet rank must
     not exit first, or torchrun stops local rank 0 before it has printed."""
-    late = tmp_path / "late_train.py"
-    late.write_text("import os, runpy, sys, time\n"
-                    "if os.environ['LOCAL_RANK'] == '0':\n"
-                    "    time.sleep(2)\n"
-                    "sys.argv[0] = 'train.py'\n"
-                    "runpy.run_path('train.py', run_name='__main__')\n")
+    late = patched_train(tmp_path / "late_train.py", "import os, time\n"
+                                                     "if os.environ['LOCAL_RANK'] == '0':\n"
+                                                     "    time.sleep(2)\n")
     result = torchrun(2, late, "--config", "configs/ci.yaml", f"train.out_dir={tmp_path / 'run'}", "train.lr=5",
                       status=2)
     assert result.stderr.splitlines() == ["train.py: error: train.lr must lie in (0, 1], got 5.0"]
@@ -141,20 +146,18 @@ def test_a_diverged_run_is_one_line_and_ends_at_once(tmp_path):
     """Rank 0 reports the divergence; rank 1 waits to be stopped (cli.exit_after_reporter), and
     torchrun's SIGTERM ends it at once, though the training loop's own handler (finish the step,
     save) was still installed: before, it outlived the signal until torchrun's SIGKILL, 30 s on."""
-    poisoned = tmp_path / "poisoned_train.py"
-    poisoned.write_text("import runpy, sys, torch\n"
-                        "from ddpm import cli\n"
-                        "from ddpm.train import Trainer\n"
-                        "cli.QUIET_EXIT_WAIT_S = 120  # what stops rank 1 is torchrun, not the wait's end\n"
-                        "step = Trainer.step\n"
-                        "def poisoned(self, i):\n"
-                        "    loss = step(self, i)\n"
-                        "    with torch.no_grad():\n"
-                        "        next(self.net.parameters()).fill_(float('nan'))\n"
-                        "    return loss\n"
-                        "Trainer.step = poisoned\n"
-                        "sys.argv[0] = 'train.py'\n"
-                        "runpy.run_path('train.py', run_name='__main__')\n")
+    poisoned = patched_train(tmp_path / "poisoned_train.py",
+                             "import torch\n"
+                             "from ddpm import cli\n"
+                             "from ddpm.train import Trainer\n"
+                             "cli.QUIET_EXIT_WAIT_S = 120  # what stops rank 1 is torchrun, not the wait's end\n"
+                             "step = Trainer.step\n"
+                             "def poisoned(self, i):\n"
+                             "    loss = step(self, i)\n"
+                             "    with torch.no_grad():\n"
+                             "        next(self.net.parameters()).fill_(float('nan'))\n"
+                             "    return loss\n"
+                             "Trainer.step = poisoned\n")
     start = time.monotonic()
     result = torchrun(2, poisoned, "--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={tmp_path / 'run'}",
                       status=2)
@@ -166,17 +169,15 @@ def test_a_diverged_run_is_one_line_and_ends_at_once(tmp_path):
 def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """Ctrl-C reaching rank 1 alone (a per-process signal): its vote, summed with the loss window at
     the next log, stops both ranks there; rank 0 saves that step and says so."""
-    signalled = tmp_path / "signalled_train.py"
-    signalled.write_text("import os, runpy, signal, sys\n"
-                         "from ddpm.train import Trainer\n"
-                         "step = Trainer.step\n"
-                         "def step_then_signal(self, i):\n"
-                         "    if i == 6 and os.environ['RANK'] == '1':\n"
-                         "        os.kill(os.getpid(), signal.SIGINT)\n"
-                         "    return step(self, i)\n"
-                         "Trainer.step = step_then_signal\n"
-                         "sys.argv[0] = 'train.py'\n"
-                         "runpy.run_path('train.py', run_name='__main__')\n")
+    signalled = patched_train(tmp_path / "signalled_train.py",
+                              "import os, signal\n"
+                              "from ddpm.train import Trainer\n"
+                              "step = Trainer.step\n"
+                              "def step_then_signal(self, i):\n"
+                              "    if i == 6 and os.environ['RANK'] == '1':\n"
+                              "        os.kill(os.getpid(), signal.SIGINT)\n"
+                              "    return step(self, i)\n"
+                              "Trainer.step = step_then_signal\n")
     result = torchrun(2, signalled, "--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={tmp_path / 'run'}",
                       "train.steps=40", "train.log_every=5", "train.checkpoint_every=100", status=130)
     assert f"stopped by signal after step 10: saved {tmp_path / 'run' / 'checkpoint.pt'}" in result.stderr
@@ -186,14 +187,12 @@ def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 def test_images_per_second_counts_the_global_batch_on_any_world_size(tmp_path):
     """A clock that moves 1 s between readings: each window of 5 steps at a global batch of 16 took
     1 s, so 80 images/s, whether one process took the steps or two took half of each batch."""
-    clocked = tmp_path / "clocked_train.py"
-    clocked.write_text("import itertools, runpy, sys, time, types\n"
-                       "import ddpm.train\n"
-                       "ticks = itertools.count()\n"
-                       "ddpm.train.time = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)),\n"
-                       "                                        monotonic=time.monotonic)\n"
-                       "sys.argv[0] = 'train.py'\n"
-                       "runpy.run_path('train.py', run_name='__main__')\n")
+    clocked = patched_train(tmp_path / "clocked_train.py",
+                            "import itertools, time, types\n"
+                            "import ddpm.train\n"
+                            "ticks = itertools.count()\n"
+                            "ddpm.train.time = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)),\n"
+                            "                                        monotonic=time.monotonic)\n")
     for nproc in (1, 2):
         result = torchrun(nproc, clocked, "--config", "configs/ci.yaml", "--no-progress",
                           f"train.out_dir={tmp_path / f'run{nproc}'}", "train.steps=10", "train.log_every=5")
