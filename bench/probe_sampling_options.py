@@ -58,6 +58,10 @@ ROWS = {
     "coordinate_descent_tuning": (DEFAULT, {"coordinate_descent_tuning": True}, {}, True),
     # the convolutions with one input or output channel as the products and sums they are (NET_CHANGES)
     "pointwise thin convs": (DEFAULT, {}, {}, True),
+    # the stride-2 convolutions as stride-1 ones (NET_CHANGES): cuDNN runs the transposed ones as
+    # dgrad kernels (35 us a step on the H200)
+    "sub-pixel upsampling": (DEFAULT, {}, {}, True),
+    "space-to-depth downsampling": (DEFAULT, {}, {}, True),
     "default again": (DEFAULT, {}, {}, True),  # drift: the default row, repeated
     "max-autotune": ([*DEFAULT, "sample.compile=max-autotune"], {}, {}, True),
 }
@@ -97,7 +101,48 @@ def pointwise_thin_convs(net: nn.Module) -> int:
     return len(thin)
 
 
-NET_CHANGES = {"pointwise thin convs": pointwise_thin_convs}
+def _sub_pixel_forward(up: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """up(x) (kernel 4, stride 2, padding 1) as a 3x3 convolution to four phases of each output
+    channel, then pixel_shuffle: output row 2m + a reads input rows m - 1, m (a = 0: taps 3, 1) or
+    m, m + 1 (a = 1: taps 2, 0), and likewise for columns; the third row and column of each
+    phase's 3x3 kernel are zero. 2.25x the products, all in one forward convolution."""
+    taps = {0: {0: 3, 1: 1}, 1: {1: 2, 2: 0}}  # phase -> {row of the 3x3 kernel: row of the 4x4}
+    w = up.weight  # [in, out, 4, 4]
+    kernel = w.new_zeros(w.shape[1], 2, 2, w.shape[0], 3, 3)
+    for a, rows in taps.items():
+        for b, cols in taps.items():
+            for u, ky in rows.items():
+                for v, kx in cols.items():
+                    kernel[:, a, b, :, u, v] = w[:, :, ky, kx].t()
+    bias = up.bias.repeat_interleave(4)
+    return F.pixel_shuffle(F.conv2d(x, kernel.flatten(0, 2), bias, padding=1), 2)
+
+
+def _space_to_depth_forward(down: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """down(x) (kernel 4, stride 2, padding 1) as pixel_unshuffle of the padded input, then a 2x2
+    convolution of stride 1: tap (2u + p, 2v + q) of the 4x4 kernel reads channel (c, p, q) of the
+    unshuffled input at offset (u, v). The same products."""
+    w = down.weight  # [out, in, 4, 4] -> [out, in, u, p, v, q] -> [out, (in, p, q), u, v]
+    kernel = w.view(w.shape[0], w.shape[1], 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4).flatten(1, 3)
+    return F.conv2d(F.pixel_unshuffle(F.pad(x, (1, 1, 1, 1)), 2), kernel, down.bias)
+
+
+def _swap_stride_two(kind: type, forward):
+    def swap(net: nn.Module) -> int:
+        convs = [m for m in net.modules() if type(m) is kind and m.stride == (2, 2)]
+        for conv in convs:
+            assert conv.kernel_size == (4, 4) and conv.padding == (1, 1) and conv.groups == 1, conv
+            assert conv.dilation == (1, 1) and getattr(conv, "output_padding", (0, 0)) == (0, 0), conv
+            conv.forward = types.MethodType(forward, conv)
+        return len(convs)
+    return swap
+
+
+sub_pixel_upsampling = _swap_stride_two(nn.ConvTranspose2d, _sub_pixel_forward)
+space_to_depth_downsampling = _swap_stride_two(nn.Conv2d, _space_to_depth_forward)
+
+NET_CHANGES = {"pointwise thin convs": pointwise_thin_convs, "sub-pixel upsampling": sub_pixel_upsampling,
+               "space-to-depth downsampling": space_to_depth_downsampling}
 
 
 def per_step_ms(fn, steps: int, rounds: int = 3) -> float:

@@ -198,10 +198,14 @@ def test_every_sampling_probe_row_is_a_valid_option_set():
         assert set(step_options) <= set(step_arguments), name
 
 
-def test_the_probes_pointwise_thin_convolutions_compute_the_convolutions():
-    """The seed UNet's three convolutions with one input or output channel, swapped for products and
-    sums: the same outputs in fp32, and in bf16 autocast within its rounding."""
-    from bench.probe_sampling_options import NET_CHANGES, ROWS, pointwise_thin_convs
+@pytest.mark.parametrize("row,swapped", [("pointwise thin convs", 3), ("sub-pixel upsampling", 2),
+                                          ("space-to-depth downsampling", 2)])
+def test_the_probes_rewritten_convolutions_compute_the_convolutions(row, swapped):
+    """Each of the probe's changes to the seed UNet's convolutions (the three with one input or
+    output channel as products and sums; the two transposed ones as a 3x3 convolution and
+    pixel_shuffle; the two stride-2 ones as pixel_unshuffle and a 2x2 convolution): the same
+    outputs in float64, and in bf16 autocast within its rounding."""
+    from bench.probe_sampling_options import NET_CHANGES, ROWS
     from ddpm import model
     assert set(NET_CHANGES) <= set(ROWS)
     cfg = config.load("configs/mnist.yaml", ["model.base_channels=16"])
@@ -209,13 +213,13 @@ def test_the_probes_pointwise_thin_convolutions_compute_the_convolutions():
     net = model.build(cfg, torch.device("cpu")).eval()
     x, t = torch.randn(3, 1, 32, 32), torch.tensor([0, 500, 999])
     with torch.no_grad():
-        ref = net(x, t)
+        ref = net.double()(x.double(), t)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ref16 = net(x, t)
-        assert pointwise_thin_convs(net) == 3
-        torch.testing.assert_close(net(x, t), ref, rtol=1e-5, atol=1e-5)
+            ref16 = net.float()(x, t)
+        assert NET_CHANGES[row](net) == swapped
+        torch.testing.assert_close(net.double()(x.double(), t), ref, rtol=1e-12, atol=1e-12)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out16 = net(x, t)
+            out16 = net.float()(x, t)
     assert out16.dtype == ref16.dtype == torch.bfloat16
     torch.testing.assert_close(out16.float(), ref16.float(), rtol=0.05, atol=0.05)
 
