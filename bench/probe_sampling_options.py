@@ -62,6 +62,9 @@ ROWS = {
     # dgrad kernels (35 us a step on the H200)
     "sub-pixel upsampling": (DEFAULT, {}, {}, True),
     "space-to-depth downsampling": (DEFAULT, {}, {}, True),
+    "every conv rewrite": (DEFAULT, {}, {}, True),  # the three rows above together
+    # cuDNN's and inductor's fp16 kernels in place of bf16 ones (a T4's default precision)
+    "fp16": ([*DEFAULT, "sample.precision=fp16"], {}, {}, True),
     "default again": (DEFAULT, {}, {}, True),  # drift: the default row, repeated
     "max-autotune": ([*DEFAULT, "sample.compile=max-autotune"], {}, {}, True),
 }
@@ -141,8 +144,12 @@ def _swap_stride_two(kind: type, forward):
 sub_pixel_upsampling = _swap_stride_two(nn.ConvTranspose2d, _sub_pixel_forward)
 space_to_depth_downsampling = _swap_stride_two(nn.Conv2d, _space_to_depth_forward)
 
+def every_conv_rewrite(net: nn.Module) -> int:
+    return pointwise_thin_convs(net) + sub_pixel_upsampling(net) + space_to_depth_downsampling(net)
+
+
 NET_CHANGES = {"pointwise thin convs": pointwise_thin_convs, "sub-pixel upsampling": sub_pixel_upsampling,
-               "space-to-depth downsampling": space_to_depth_downsampling}
+               "space-to-depth downsampling": space_to_depth_downsampling, "every conv rewrite": every_conv_rewrite}
 
 
 def per_step_ms(fn, steps: int, rounds: int = 3) -> float:

@@ -199,7 +199,7 @@ def test_every_sampling_probe_row_is_a_valid_option_set():
 
 
 @pytest.mark.parametrize("row,swapped", [("pointwise thin convs", 3), ("sub-pixel upsampling", 2),
-                                          ("space-to-depth downsampling", 2)])
+                                          ("space-to-depth downsampling", 2), ("every conv rewrite", 7)])
 def test_the_probes_rewritten_convolutions_compute_the_convolutions(row, swapped):
     """Each of the probe's changes to the seed UNet's convolutions (the three with one input or
     output channel as products and sums; the two transposed ones as a 3x3 convolution and
