@@ -35,36 +35,38 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = DEVICE.type == "cpu"
 DEFAULT = ["sample.compile=default"] if QUICK else []  # on a CPU `auto` would not compile
 
-# name: (config overrides, inductor options, FastStep's keyword arguments, freezing)
+# name: (config overrides, inductor options, FastStep's keyword arguments, freezing). The rows that
+# could move the step most come first: what device time is left after the GPU check may cut the rest.
 ROWS = {
     "eager-fp32": (variants.SAMPLE["eager-fp32"], {}, {}, False),
     "default": (DEFAULT, {}, {}, True),
+    # the convolutions with one input or output channel as the products and sums they are, and the
+    # stride-2 ones as stride-1 ones (NET_CHANGES; cuDNN runs the transposed ones as dgrad kernels,
+    # 35 us of the H200's step): together here, one at a time below
+    "every conv rewrite": (DEFAULT, {}, {}, True),
     # the batch as parallel branches of the graph (32 or 16 images each)
     "2 streams": ([*DEFAULT, "sample.streams=2"], {}, {}, True),
     "4 streams": ([*DEFAULT, "sample.streams=4"], {}, {}, True),
-    "no time table": (DEFAULT, {}, {"time_table": False}, True),
-    "no freezing": (DEFAULT, {}, {}, False),
-    # one-element weights inlined as constants, each rebuilt by a kernel every step (the default keeps them)
-    "inlined constants": (DEFAULT, {"always_keep_tensor_constants": False}, {}, True),
+    # cuDNN's and inductor's fp16 kernels in place of bf16 ones (a T4's default precision)
+    "fp16": ([*DEFAULT, "sample.precision=fp16"], {}, {}, True),
+    # channels-last for every convolution (inductor's heuristic decides by default)
+    "force_layout_optimization": (DEFAULT, {"force_layout_optimization": True}, {}, True),
+    "pointwise thin convs": (DEFAULT, {}, {}, True),
+    "sub-pixel upsampling": (DEFAULT, {}, {}, True),
+    "space-to-depth downsampling": (DEFAULT, {}, {}, True),
     # 1x1 convolutions (skips, qkv, proj, out: 9 a step) as matmuls, whose bias and residual adds
     # inductor can fuse
     "conv_1x1_as_mm": (DEFAULT, {"conv_1x1_as_mm": True}, {}, True),
-    # channels-last for every convolution, or for none (inductor's heuristic decides by default)
-    "force_layout_optimization": (DEFAULT, {"force_layout_optimization": True}, {}, True),
-    "no layout_optimization": (DEFAULT, {"layout_optimization": False}, {}, True),
+    # what the default's choices bought: the time-bias table, freezing, one-element weights kept as
+    # tensors (inlined, each is rebuilt by a kernel every step)
+    "no time table": (DEFAULT, {}, {"time_table": False}, True),
+    "no freezing": (DEFAULT, {}, {}, False),
+    "inlined constants": (DEFAULT, {"always_keep_tensor_constants": False}, {}, True),
+    "no layout_optimization": (DEFAULT, {"layout_optimization": False}, {}, True),  # no channels-last
     # several small independent kernels launched as one
     "combo_kernels": (DEFAULT, {"combo_kernels": True}, {}, True),
     # launch configs of the fused elementwise kernels tuned by benchmarking
     "coordinate_descent_tuning": (DEFAULT, {"coordinate_descent_tuning": True}, {}, True),
-    # the convolutions with one input or output channel as the products and sums they are (NET_CHANGES)
-    "pointwise thin convs": (DEFAULT, {}, {}, True),
-    # the stride-2 convolutions as stride-1 ones (NET_CHANGES): cuDNN runs the transposed ones as
-    # dgrad kernels (35 us a step on the H200)
-    "sub-pixel upsampling": (DEFAULT, {}, {}, True),
-    "space-to-depth downsampling": (DEFAULT, {}, {}, True),
-    "every conv rewrite": (DEFAULT, {}, {}, True),  # the three rows above together
-    # cuDNN's and inductor's fp16 kernels in place of bf16 ones (a T4's default precision)
-    "fp16": ([*DEFAULT, "sample.precision=fp16"], {}, {}, True),
     "default again": (DEFAULT, {}, {}, True),  # drift: the default row, repeated
     "max-autotune": ([*DEFAULT, "sample.compile=max-autotune"], {}, {}, True),
 }
