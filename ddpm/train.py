@@ -207,7 +207,13 @@ class Trainer:
         checkpoint.load_weights(self.net, state["model"], path)
         checkpoint.load_weights(self.ema.module, state["ema"], path)
         self.ema.n_averaged.copy_(state["ema_n_averaged"])
-        self.opt.load_state_dict(state["optimizer"])
+        # How Adam runs (fused on CUDA, not on a CPU) is this device's, not the checkpoint's: a CPU
+        # run's fused=False resumed on CUDA would give the GradScaler's grad_scale to a non-fused
+        # Adam, which refuses it.
+        saved = state["optimizer"]
+        groups = [{**group, **{key: now[key] for key in ("fused", "foreach", "capturable") if key in now}}
+                  for group, now in zip(saved["param_groups"], self.opt.param_groups)]
+        self.opt.load_state_dict({**saved, "param_groups": groups})
         self.sched.load_state_dict(state["lr_scheduler"])
         noise_state = state["rng"]["noise"]
         if noise_state.numel() == self.noise_gen.get_state().numel():

@@ -619,6 +619,26 @@ def test_grad_scaler_state_survives_a_resume(tmp_path):
     assert resumed.scaler.get_scale() == 1024.0
 
 
+@pytest.mark.parametrize("fused_then,fused_now", [(False, True), (True, False)])
+def test_adam_runs_as_the_resuming_device_has_it(tmp_path, monkeypatch, fused_then, fused_now):
+    """Adam is fused on CUDA, not on a CPU. A checkpoint's optimizer keeps the flag it ran with: a
+    CPU run resumed on CUDA in fp16 (a T4's default) had a non-fused Adam handed the GradScaler's
+    grad_scale, and failed at its first step. CPU Adam fused stands in for CUDA's here."""
+    torch_adam = torch.optim.Adam
+
+    def adam(fused):
+        return lambda *args, **kwargs: torch_adam(*args, **{**kwargs, "fused": fused})
+    monkeypatch.setattr(torch.optim, "Adam", adam(fused_then))
+    trainer = _trainer(tmp_path, "train.precision=fp16")
+    trainer.step(0)
+    state = trainer.state_dict(1)
+    monkeypatch.setattr(torch.optim, "Adam", adam(fused_now))
+    resumed = _trainer(tmp_path, "train.precision=fp16")
+    resumed.load_state_dict(state, "checkpoint.pt")
+    assert torch.isfinite(resumed.step(1))
+    assert [group["fused"] for group in resumed.opt.param_groups] == [fused_now]
+
+
 def test_logged_loss_is_the_mean_of_each_window(tmp_path, capsys):
     """Windows of log_every steps, the last one shorter: each line is the mean of its own steps."""
     trainer = _trainer(tmp_path)
