@@ -402,6 +402,19 @@ def test_the_training_loop_reads_the_device_only_when_it_logs(tmp_path, monkeypa
     assert checked == [4, 6, 7, 8, 9, 11]
 
 
+def graphed_losses(cfg, images, steps=8, ddp=False) -> torch.Tensor:
+    """The losses of `steps` training steps compiled with reduce-overhead, which inductor must have
+    run from CUDA graphs: it falls back to plain compiled code where it cannot capture (a CPU
+    tensor, a mutated input), counting a skip, and the losses would match all the same."""
+    from torch._dynamo.utils import counters
+    skips = counters["inductor"]["cudagraph_skips"]
+    trainer = Trainer(cfg, torch.device("cuda"), images, ddp=ddp)
+    assert isinstance(trainer.forward, torch.nn.parallel.DistributedDataParallel) == ddp
+    losses = torch.stack([trainer.step(step) for step in range(steps)])
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs"
+    return losses
+
+
 @on_cuda
 def test_cuda_graphed_training_takes_the_eager_steps():
     """reduce-overhead replays forward and backward from CUDA graphs, whose outputs the next replay
@@ -410,13 +423,13 @@ def test_cuda_graphed_training_takes_the_eager_steps():
     order differs."""
     images = sixty_four_digits()
 
-    def losses(overrides):
-        cfg = config.load("configs/ci.yaml", ["train.device=cuda", "train.precision=fp32", *overrides])
-        trainer = Trainer(cfg, torch.device("cuda"), images)
-        return torch.stack([trainer.step(step) for step in range(8)])
+    def cfg(overrides):
+        return config.load("configs/ci.yaml", ["train.device=cuda", "train.precision=fp32", *overrides])
 
-    eager = losses(["train.compile=none", "model.kernels=torch", "model.attention=torch"])
-    graphed = losses(["train.compile=reduce-overhead", *FUSED])
+    trainer = Trainer(cfg(["train.compile=none", "model.kernels=torch", "model.attention=torch"]),
+                      torch.device("cuda"), images)
+    eager = torch.stack([trainer.step(step) for step in range(8)])
+    graphed = graphed_losses(cfg(["train.compile=reduce-overhead", *FUSED]), images)
     torch.testing.assert_close(graphed[0], eager[0], rtol=1e-3, atol=0)
     torch.testing.assert_close(graphed, eager, rtol=1e-2, atol=0)
 
@@ -429,16 +442,11 @@ def test_ddp_around_the_cuda_graphed_unet_takes_its_steps():
     between two costs."""
     images = sixty_four_digits()
 
-    def losses(ddp):
-        cfg = config.load("configs/ci.yaml", ["train.device=cuda", "train.precision=fp32",
-                                              "train.compile=reduce-overhead", *FUSED])
-        trainer = Trainer(cfg, torch.device("cuda"), images, ddp=ddp)
-        assert isinstance(trainer.forward, torch.nn.parallel.DistributedDataParallel) == ddp
-        return torch.stack([trainer.step(step) for step in range(8)])
-
-    alone = losses(False)
+    cfg = config.load("configs/ci.yaml", ["train.device=cuda", "train.precision=fp32",
+                                          "train.compile=reduce-overhead", *FUSED])
+    alone = graphed_losses(cfg, images)
     with distributed.solo_group(torch.device("cuda")):
-        wrapped = losses(True)
+        wrapped = graphed_losses(cfg, images, ddp=True)
     torch.testing.assert_close(wrapped[0], alone[0], rtol=1e-3, atol=0)
     torch.testing.assert_close(wrapped, alone, rtol=1e-2, atol=0)
 
