@@ -74,7 +74,7 @@ def main():
                           progress=not args.no_progress, scorer=scorer)
         steps = args.steps if args.sampler == "ddim" else cfg.diffusion.timesteps
         precision = resolve_precision(cfg.sample.precision, device)
-        compiled = step_compile_mode(resolve_compile(cfg.sample.compile, device), cuda_graph)
+        compiled = step_compile_mode(resolve_compile(cfg.sample.compile, device))
         print(f"{args.ckpt} (step {step}, {'raw' if args.raw_weights else 'EMA'} weights), "
               f"{args.sampler.upper()}-{steps} in {precision}, compile {compiled}, seed {args.seed}, "
               f"on {device}: {scores['seconds']:.0f} s")

@@ -40,9 +40,11 @@ def uses_cuda_graph(setting: str, device: torch.device) -> bool:
     return setting == "enabled" or (setting == "auto" and device.type == "cuda")
 
 
-def step_compile_mode(compile: str, use_graph: bool) -> str:
-    """The torch.compile mode the step runs in: inductor's own CUDA graphs would nest inside ours."""
-    return "max-autotune-no-cudagraphs" if use_graph and compile == "max-autotune" else compile
+def step_compile_mode(compile: str) -> str:
+    """The torch.compile mode the step runs in, never with inductor's own CUDA graphs: inside ours
+    they would nest, and without ours each step's output, the next step's input, would be an output
+    of inductor's graph that its next replay overwrites, an error (pytorch#152887)."""
+    return "max-autotune-no-cudagraphs" if compile == "max-autotune" else compile
 
 
 FROZEN_STEP_OPTIONS = {"freezing": True, "always_keep_tensor_constants": True}
@@ -98,7 +100,7 @@ class FastStep:
         dtype = precision_dtype(precision, device)
         autocast = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
         self.use_graph = uses_cuda_graph(cuda_graph, device)
-        mode = step_compile_mode(compile, self.use_graph)
+        mode = step_compile_mode(compile)
         if resolve_compile(mode, device) == "none" or not time_table:
             def predict(i, x):
                 return net(x, plan.timesteps[i].expand(x.shape[0]))

@@ -251,6 +251,21 @@ def test_the_sampling_step_runs_the_unet_in_its_precision(precision, dtype):
     assert tables == {dtype}
 
 
+def test_the_sampling_step_never_compiles_with_inductors_cuda_graphs(monkeypatch):
+    """max-autotune turns inductor's CUDA graphs on. Without the sampler's own graph each step's
+    output, the next step's input, would then be an output of inductor's graph that its next replay
+    overwrites, an error at the second step on CUDA (pytorch#152887); so the step compiles without
+    them, with or without the sampler's graph."""
+    import ddpm.sample
+    cfg = config.load("configs/ci.yaml", ["sample.sampler=ddim", "diffusion.timesteps=20", "sample.steps=3"])
+    net = model.build(cfg).eval()
+    plan = Diffusion.from_config(cfg.diffusion).plan(cfg.sample)
+    modes = []
+    monkeypatch.setattr(ddpm.sample, "compile_with_frozen_weights", lambda fn, mode, device: modes.append(mode) or fn)
+    ddpm.sample.FastStep(net, plan, True, "cpu", precision="fp32", compile="max-autotune", cuda_graph="disabled")
+    assert modes == ["max-autotune-no-cudagraphs"]
+
+
 @pytest.mark.parametrize("compile,computes_time_biases", [("default", False), ("none", True)])
 def test_only_the_eager_sampling_step_computes_time_biases(compile, computes_time_biases):
     """The compiled step reads its time biases from the table FastStep computes once; the eager
