@@ -64,7 +64,7 @@ def main():
             if Path(args.json).resolve() == Path(args.ckpt).resolve():
                 raise UserError(f"--json {args.json} is the checkpoint being evaluated; pass another file name")
             cli.check_writable(Path(args.json), "--json")
-        net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
+        net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights, cuda_graph=args.cuda_graph)
         cfg = cli.with_sample_overrides(cfg, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
                                         streams=args.streams)
         check_sampling(cfg, args.n, args.sampler, args.steps, args.batch_size)

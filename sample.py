@@ -32,7 +32,7 @@ def main():
         if not args.out.strip():
             raise UserError("--out needs a directory name, e.g. --out samples")
         device = resolve_device(args.device)
-        net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights)
+        net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights, cuda_graph=args.cuda_graph)
         cfg = cli.with_sample_overrides(cfg, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                         variance=args.variance, clip_x0=False if args.no_clip else None,
                                         precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,

@@ -17,8 +17,10 @@ from ddpm.diffusion import Diffusion, SamplerPlan
 from ddpm.runtime import compile_model, precision_dtype, resolve_compile
 
 
-def load_model(ckpt_path, device, use_ema: bool = True):
-    """The model (EMA weights by default) and the config stored in a checkpoint."""
+def load_model(ckpt_path, device, use_ema: bool = True, cuda_graph: str | None = None):
+    """The model (EMA weights by default) and the config stored in a checkpoint. cuda_graph: the
+    sampling run's sample.cuda_graph where it overrides the checkpoint's; the `auto` backends
+    depend on whether the step is replayed from a graph."""
     state = checkpoint.load(ckpt_path)
     cfg = checkpoint.config_of(state, ckpt_path)
     if not model_lib.triton_runs_on(device):  # a run trained with the Triton ops, sampled on a CPU
@@ -28,7 +30,7 @@ def load_model(ckpt_path, device, use_ema: bool = True):
         if asked:
             print(f"note: {ckpt_path} was trained with {', '.join(f'model.{k}=triton' for k in asked)}, which "
                   f"needs a CUDA GPU; on {torch.device(device).type} its PyTorch equivalent runs", file=sys.stderr)
-    net = model_lib.build(cfg, device)
+    net = model_lib.build(cfg, device, graphed=(cuda_graph or cfg.sample.cuda_graph) != "disabled")
     checkpoint.load_weights(net, state["ema" if use_ema else "model"], ckpt_path)
     return net.eval(), cfg, state["step"]
 

@@ -118,6 +118,19 @@ def test_class_histogram_distance():
     assert ev.class_histogram_tv(torch.full((300,), 7)) == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize("cuda_graph,graphed", [(None, True), ("auto", True), ("enabled", True), ("disabled", False)])
+def test_a_loaded_model_takes_the_backends_of_the_runs_cuda_graph_setting(ckpt, monkeypatch, cuda_graph, graphed):
+    """From compute capability 8.0 `auto` keeps the Triton ops only where CUDA graphs hide their
+    launches: sample.py and evaluate.py build the UNet for their --cuda-graph (None: the checkpoint's
+    sample.cuda_graph, auto)."""
+    import ddpm.sample
+    seen = []
+    build = ddpm.sample.model_lib.build
+    monkeypatch.setattr(ddpm.sample.model_lib, "build", lambda cfg, device, graphed: seen.append(graphed) or build(cfg, device))
+    ddpm.sample.load_model(ckpt, "cpu", cuda_graph=cuda_graph)
+    assert seen == [graphed]
+
+
 def test_evaluate_a_tiny_checkpoint(cache, ckpt):
     from ddpm.sample import load_model
     net, cfg, _ = load_model(ckpt, "cpu")
@@ -234,9 +247,9 @@ def test_evaluate_cli_options_reach_the_sampler(ckpt, monkeypatch):
     class Stop(Exception):
         pass
 
-    def load_model(path, device, use_ema=True):
+    def load_model(path, device, use_ema=True, cuda_graph=None):
         seen.append(use_ema)
-        return real_load_model(path, device, use_ema)
+        return real_load_model(path, device, use_ema, cuda_graph)
 
     def evaluate(net, cfg, device, n, sampler, steps, batch_size, seed, **kwargs):
         s = cfg.sample
