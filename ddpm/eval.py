@@ -285,10 +285,13 @@ class Scorer:
         with warnings.catch_warnings():  # KID warns that it keeps every feature vector: 10,000 x 128 floats here
             warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer")
             # reset_real_features=False: reset() drops the generated features and keeps the reference's,
-            # so samples and floor are measured against the very same real features
-            self.fid = FrechetInceptionDistance(feature=features, reset_real_features=False).to(self.device)
-            self.kid = KernelInceptionDistance(feature=features, subset_size=subset,
-                                               reset_real_features=False).to(self.device)
+            # so samples and floor are measured against the very same real features.
+            # sync_on_compute=False: under DDP rank 0 alone scores (train.eval_every), and a compute()
+            # that gathered from the other ranks would wait for them while they wait in DDP's all-reduce
+            self.fid = FrechetInceptionDistance(feature=features, reset_real_features=False,
+                                                sync_on_compute=False).to(self.device)
+            self.kid = KernelInceptionDistance(feature=features, subset_size=subset, reset_real_features=False,
+                                               sync_on_compute=False).to(self.device)
         with torch.no_grad():
             for x in self._batches(self.reference):
                 self.fid.update(x, real=True)

@@ -107,6 +107,21 @@ def test_metrics_tell_real_digits_from_noise(cache, tmp_path):
     assert len(floor) == 400 and floor <= held_out and not floor & trained_on and reference <= trained_on
 
 
+def test_scoring_under_ddp_talks_to_no_other_rank(cache, tmp_path, monkeypatch):
+    """Under DDP rank 0 alone scores (train.eval_every), while the others go on to their next step:
+    a collective from the metrics (torchmetrics gathers their states in compute() whenever a process
+    group exists) would hang both. Here, a group of one whose collectives fail."""
+    from ddpm import distributed
+
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective while rank 0 scores alone")
+    with distributed.solo_group(torch.device("cpu")):
+        for name in ("barrier", "all_gather", "all_gather_object", "all_reduce", "broadcast"):
+            monkeypatch.setattr(torch.distributed, name, collective)
+        scorer = ev.Scorer(ci_config(tmp_path).data, "cpu", 100)
+        assert scorer.score([torch.randn(100, 1, 32, 32)])["num"] == 100
+
+
 def test_the_offline_subset_splits_into_two_balanced_halves(tmp_path):
     splits = ev.real_splits(ci_config(tmp_path).data)
     for half in (splits.train, splits.held_out):
