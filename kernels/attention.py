@@ -24,6 +24,7 @@ from kernels import FLEXIBLE_LAYOUT
 
 _MAX_SEQ = 256
 _MAX_HEAD_DIM = 256
+_MAX_BATCH_HEADS = 65535  # the grid's second axis, one program per (sample, head): CUDA's limit there
 # Score tile [rows, cols] elements: the dq backward keeps about four such fp32 tiles live
 # (S, P, dP, dS), 4 * 4096 / 256 threads = 64 registers per thread at 8 warps.
 _MAX_TILE = 4096
@@ -216,6 +217,8 @@ def _check(qkv: torch.Tensor, num_heads: int):
         raise RuntimeError(f"head dim {three_c // (3 * num_heads)} > {_MAX_HEAD_DIM}")
     if seq > _MAX_SEQ:
         raise RuntimeError(f"sequence length {seq} > {_MAX_SEQ}")
+    if qkv.shape[0] * num_heads > _MAX_BATCH_HEADS:
+        raise RuntimeError(f"batch x heads {qkv.shape[0] * num_heads} > {_MAX_BATCH_HEADS}; split the batch")
 
 
 def _empty_in_layout_of(qkv: torch.Tensor, channels: int) -> torch.Tensor:

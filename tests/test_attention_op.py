@@ -152,6 +152,8 @@ def test_rejects_bad_shapes(device):
         attention(torch.randn(1, 3 * 16, 257, device=device), 1)
     with pytest.raises(RuntimeError, match="head dim"):
         attention(torch.randn(1, 3 * 512, 4, device=device), 1)
+    with pytest.raises(RuntimeError, match="batch x heads 65536 > 65535"):  # a launch error on CUDA
+        attention(torch.zeros(32768, 3 * 16, 1, device=device), 2)
 
 
 @pytest.mark.parametrize("channels_innermost", [False, True], ids=["contiguous", "channels-innermost"])
