@@ -1,7 +1,7 @@
 """Run by tests/test_kernels_compile_for_gpus.py, without TRITON_INTERPRET: compiles every Triton kernel
 launch of the seed UNet's training step (forward and backward, fp32 and fp16 autocast; bf16 where the
-card has it) and of its channels-last sampling step ahead of time for a T4 (sm_75) and an H100
-(sm_90), with no GPU, and prints one JSON line per compiled kernel: its launch, shared memory, and
+card has it) and of its channels-last sampling step ahead of time for a T4 (sm_75), an H100
+(sm_90) and, in bf16, an A100 (sm_80), with no GPU, and prints one JSON line per compiled kernel: its launch, shared memory, and
 registers and spill bytes per thread.
 
 The kernels' launch sites are run for real on CPU tensors with each @triton.jit kernel replaced by a
@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GPUS = {  # compute capability, SMs, shared memory per block (bytes), dtypes it runs
     "T4": (75, 40, 64 * 1024, (torch.float32, torch.float16)),
     "H100": (90, 132, 227 * 1024, (torch.float32, torch.float16, torch.bfloat16)),
+    # compute capability 8.x: attention's tensor-core tiles without Hopper's 32-row cap, in bf16
+    # (`auto` there; fp16's tiles are the same)
+    "A100": (80, 108, 163 * 1024, (torch.bfloat16,)),
 }
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 KERNELS = [(group_norm_silu, "_fwd_kernel"), (group_norm_silu, "_bwd_kernel"), (attention, "_fwd_kernel"),
