@@ -25,9 +25,9 @@ STEPS=${GPU_CHECK_STEPS:-2000}
 EVAL_SAMPLES=${GPU_CHECK_EVAL_SAMPLES:-2000}
 WINDOW=100
 TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-130}
-for limit in "$TEST_SECONDS" "${GPU_CHECK_BENCH_SECONDS:-250}"; do  # used in arithmetic below
-  # at least 1: `timeout 0` would mean no limit at all
-  [[ $limit =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: stage time limits are whole seconds from 1 (got '$limit'): set GPU_CHECK_TEST_SECONDS and GPU_CHECK_BENCH_SECONDS to such numbers" >&2; exit 2; }
+for limit in "$TEST_SECONDS" "${GPU_CHECK_BENCH_SECONDS:-250}" "${GPU_CHECK_COMPARE_SECONDS:-140}" "${GPU_CHECK_PROFILE_SECONDS:-45}"; do
+  # whole seconds (the first two are added up below), at least 1: `timeout 0` would mean no limit
+  [[ $limit =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: stage time limits are whole seconds from 1 (got '$limit'): set GPU_CHECK_{TEST,BENCH,COMPARE,PROFILE}_SECONDS to such numbers" >&2; exit 2; }
 done
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -109,9 +109,9 @@ def pointwise_thin_convs(net: nn.Module) -> int:
 def _sub_pixel_forward(up: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
     """up(x) (kernel 4, stride 2, padding 1) as a 3x3 convolution to four phases of each output
     channel, then pixel_shuffle: output row 2m + a reads input rows m - 1, m (a = 0: taps 3, 1) or
-    m, m + 1 (a = 1: taps 2, 0), and likewise for columns; the third row and column of each
-    phase's 3x3 kernel are zero (tap 4 of the zero-padded 4x4 kernel). 2.25x the products, all in
-    one forward convolution."""
+    m, m + 1 (a = 1: taps 2, 0), and likewise for columns; the row and column of each phase's 3x3
+    kernel that it does not read (the last for a = 0, the first for a = 1) are zero (tap 4 of the
+    zero-padded 4x4 kernel). 2.25x the products, all in one forward convolution."""
     taps = torch.tensor([[3, 1, 4], [4, 2, 0]], device=x.device)  # [phase, row of the 3x3 kernel]
     w = F.pad(up.weight, (0, 1, 0, 1))  # [in, out, 5, 5]
     kernel = w[:, :, taps[:, None, :, None], taps[None, :, None, :]]  # [in, out, a, b, 3, 3]

@@ -20,14 +20,15 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_2(tmp_path):
     assert len(lines) == 1 and "no CUDA device" in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("variable,value", [("GPU_CHECK_TEST_SECONDS", "0"), ("GPU_CHECK_BENCH_SECONDS", "5m")])
+@pytest.mark.parametrize("variable,value", [("GPU_CHECK_TEST_SECONDS", "0"), ("GPU_CHECK_BENCH_SECONDS", "5m"),
+                                            ("GPU_CHECK_PROFILE_SECONDS", "0")])
 def test_gpu_check_refuses_a_stage_limit_that_is_no_limit(tmp_path, variable, value):
     """`timeout 0` runs a stage without a limit, past the device call's own."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), variable: value}
     result = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == (f"gpu_check.sh: stage time limits are whole seconds from 1 (got '{value}'): "
-                                     "set GPU_CHECK_TEST_SECONDS and GPU_CHECK_BENCH_SECONDS to such numbers")
+                                     "set GPU_CHECK_{TEST,BENCH,COMPARE,PROFILE}_SECONDS to such numbers")
 
 
 def test_benchmark_parts_add_their_rows_to_one_results_file(tmp_path):
