@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
 # torch and torchvision must match each other; these are the pair this project is tested with.
-TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# Another pair (e.g. CUDA 12 wheels): TORCH_PIN="..." on the command line or in the environment.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?= configs/mnist.yaml
 ARGS ?=
 NPROC ?= 1
