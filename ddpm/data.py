@@ -175,12 +175,13 @@ def to_model_input(images: torch.Tensor, image_size: int = 32, resize: str = "bi
 
 
 # ---- batch order, shared by every loader ---------------------------------------------------------
-def epoch_permutation(num_images: int, seed: int, epoch: int, device="cpu") -> torch.Tensor:
-    """The image order of `epoch`: torch.randperm from a generator on `device` seeded
-    seed * 100_003 + epoch. On the CPU every loader follows this same order; a CUDA generator
-    (the resident loader on a GPU) gives a different order, drawn from the same distribution."""
-    g = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_images, generator=g, device=device)
+def epoch_permutation(num_images: int, seed: int, epoch: int) -> torch.Tensor:
+    """The image order of `epoch`: torch.randperm from a CPU generator seeded seed * 100_003 + epoch.
+    Drawn on the CPU for every loader and device: past some size a CUDA randperm depends on the
+    card's SM count (which caps its random keys' grid), and DDP ranks on two GPU models would then
+    read overlapping shards."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_images, generator=g)
 
 
 class BatchOrder:
@@ -196,7 +197,7 @@ class BatchOrder:
         if num_images < global_batch:
             raise DataError(f"the dataset has {num_images} images, fewer than one batch of {global_batch}; "
                             f"lower train.batch_size")
-        self.num_images, self.seed, self.order_device = num_images, seed, torch.device(device)
+        self.num_images, self.seed, self.index_device = num_images, seed, torch.device(device)
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
         self.offset = rank * self.local_batch
         self.steps_per_epoch = num_images // global_batch
@@ -204,7 +205,9 @@ class BatchOrder:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:  # one permutation cached: steps arrive in order
-            self._epoch, self._perm = epoch, epoch_permutation(self.num_images, self.seed, epoch, self.order_device)
+            # once an epoch, 480 KB for MNIST; non_blocking: a pageable copy that does not wait for the GPU
+            order = epoch_permutation(self.num_images, self.seed, epoch)
+            self._epoch, self._perm = epoch, order.to(self.index_device, non_blocking=True)
         return self._perm
 
     def indices(self, step: int) -> torch.Tensor:
@@ -220,7 +223,7 @@ class BatchOrder:
 # local_batch and offset.
 class ResidentLoader(BatchOrder):
     """The whole uint8 dataset on the training device; batch(step) is a pure function of the step,
-    so resuming needs no loader state. Each epoch is a fresh device-side permutation (drop-last);
+    so resuming needs no loader state. Each epoch's permutation is copied to the device once (drop-last);
     under DDP, rank r takes the r-th slice of every global batch, disjoint from the other ranks'."""
 
     def __init__(self, images: torch.Tensor, global_batch: int, seed: int, device, image_size: int = 32,

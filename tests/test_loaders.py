@@ -1,4 +1,5 @@
-"""The three loaders (data.loader = resident | dali | dataloader) give the same batches on the CPU."""
+"""The three loaders (data.loader = resident | dali | dataloader) give the same batches (on the CPU; the resident
+one on CUDA too)."""
 import builtins
 
 import pytest
@@ -36,6 +37,25 @@ def test_every_loader_follows_one_shared_order():
     a = data.BatchOrder(40, 8, seed=3)
     assert torch.equal(a.permutation(1), data.epoch_permutation(40, 3, 1))
     assert not torch.equal(a.permutation(0), a.permutation(1))
+
+
+def test_the_order_is_drawn_on_the_cpu_whatever_device_takes_it():
+    """Past some size a CUDA randperm depends on the card's SM count (which caps its random keys'
+    grid), so DDP ranks on two GPU models could read overlapping shards. A meta device has no
+    generator: drawing there fails."""
+    order = data.BatchOrder(40, 8, seed=3, rank=1, world_size=2, device="meta")
+    indices = order.indices(6)
+    assert indices.device.type == "meta" and indices.shape == (4,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the resident loader's CUDA order")
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_resident_loader_on_cuda_takes_the_cpu_loaders_batches(images, world_size):
+    for rank in range(world_size):
+        on_gpu = data.make_loader("resident", images, 8, 3, "cuda", 32, "pad", rank, world_size)
+        on_cpu = loader("dataloader", images, "pad", rank, world_size)
+        for step in range(STEPS):
+            assert torch.equal(on_gpu.batch(step).cpu(), on_cpu.batch(step)), f"rank {rank}, step {step}"
 
 
 @pytest.mark.parametrize("kind", KINDS)
