@@ -133,6 +133,19 @@ def test_every_variant_is_a_valid_config():
     assert variants.GPU_ONLY <= variants.TRAIN.keys() | variants.SAMPLE.keys()
 
 
+def test_the_quick_cpu_run_skips_every_variant_that_needs_a_gpu():
+    """CUDA graphs, bf16, the Triton ops (the interpreter, on a CPU), max-autotune, DDP: a CPU
+    `make bench` that ran them would fail or take hours, and measure nothing a user has."""
+    from bench import variants
+    gpu_settings = {"sample.cuda_graph=enabled", "train.compile=reduce-overhead", "model.kernels=triton",
+                    "model.attention=triton", "train.precision=bf16", "sample.compile=max-autotune"}
+    for name, overrides in [*variants.TRAIN.items(), *variants.SAMPLE.items()]:
+        if gpu_settings & set(overrides) or name in variants.SOLO_DDP:
+            assert name in variants.GPU_ONLY, name
+    # what the default's CUDA graphs buy: nothing to measure on a CPU, where the default has none
+    assert "default-no-cudagraph" in variants.GPU_ONLY
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -184,6 +184,29 @@ def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 10
 
 
+def test_every_rank_returns_once_rank_0_has_saved_the_last_checkpoint(tmp_path):
+    """train() returns the checkpoint's path on every rank only after rank 0 has written it, here
+    3 s late: a rank that returned before would find no file (the write is atomic)."""
+    slow = patched_train(tmp_path / "slow_save_train.py",
+                         "import os, time\n"
+                         "import ddpm.train\n"
+                         "from ddpm import checkpoint\n"
+                         "save, train = ddpm.train.save_checkpoint, ddpm.train.train\n"
+                         "def slow_save(*args):\n"
+                         "    time.sleep(3)\n"
+                         "    save(*args)\n"
+                         "def train_then_read(cfg, **kwargs):\n"
+                         "    path = train(cfg, **kwargs)\n"
+                         "    step = checkpoint.load(path)['step'] if path.exists() else None\n"
+                         "    print(f\"rank {os.environ['RANK']} returned, the checkpoint's step: {step}\", flush=True)\n"
+                         "    return path\n"
+                         "ddpm.train.save_checkpoint, ddpm.train.train = slow_save, train_then_read\n")
+    result = torchrun(2, slow, "--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={tmp_path / 'run'}",
+                      "train.steps=4", "train.checkpoint_every=100")
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0 returned, the checkpoint's step: 4", "rank 1 returned, the checkpoint's step: 4"], result.stdout
+
+
 def test_images_per_second_counts_the_global_batch_on_any_world_size(tmp_path):
     """A clock that moves 1 s between readings: each window of 5 steps at a global batch of 16 took
     1 s, so 80 images/s, whether one process took the steps or two took half of each batch."""
