@@ -724,6 +724,11 @@ def test_make_train_continues_a_run_dir_that_holds_a_checkpoint(tmp_path):
     (run / "checkpoint.pt").write_bytes(b"")
     assert "--resume" in train_command(f"train.out_dir={run} train.steps=3")
     assert "--resume" not in train_command(f"--overwrite train.out_dir={run}")
+    spaced = tmp_path / "my run"  # one path to the shell, as ARGS quotes it
+    assert "--resume" not in train_command(f"train.out_dir='{spaced}'")
+    spaced.mkdir()
+    (spaced / "checkpoint.pt").write_bytes(b"")
+    assert "--resume" in train_command(f"train.out_dir='{spaced}'")
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make here (the GPU check runs pytest alone)")
