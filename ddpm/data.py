@@ -205,8 +205,11 @@ class BatchOrder:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:  # one permutation cached: steps arrive in order
-            # once an epoch, 480 KB for MNIST; non_blocking: a pageable copy that does not wait for the GPU
+            # once an epoch, 480 KB for MNIST; from pinned memory, so the copy is queued without waiting
+            # for the GPU (a pageable one is staged through the driver's buffers, which may wait)
             order = epoch_permutation(self.num_images, self.seed, epoch)
+            if self.index_device.type == "cuda":
+                order = order.pin_memory()
             self._epoch, self._perm = epoch, order.to(self.index_device, non_blocking=True)
         return self._perm
 

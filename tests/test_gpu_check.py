@@ -46,3 +46,21 @@ def test_benchmark_parts_add_their_rows_to_one_results_file(tmp_path):
     assert run() == ["resident"]
     assert run("--bench-append") == ["resident", "resident"]
     assert run() == ["resident"]  # without it, a new file
+
+
+def test_the_gpu_check_runs_every_cuda_only_test():
+    """The tests that skip without CUDA run nowhere else; a node id that names no test would make
+    pytest run none of stage 1."""
+    import ast
+    import re
+    named = set(re.findall(r"(tests/\w+\.py)::(\w+)", (ROOT / "bench/gpu_check.sh").read_text()))
+    cuda_only = set()
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                marks = " ".join(ast.unparse(d) for d in node.decorator_list)
+                if "on_cuda" in marks or "not torch.cuda.is_available()" in marks:
+                    cuda_only.add((f"tests/{path.name}", node.name))
+    assert ("tests/test_fast_path.py", "test_cuda_graphed_training_takes_the_eager_steps") in cuda_only  # the scan works
+    assert named == cuda_only
