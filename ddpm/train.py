@@ -35,11 +35,15 @@ class RunDirError(UserError):
     pass
 
 
-def check_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
+def check_out_dir(cfg, resume: bool | str, overwrite: bool) -> dict | None:
     """Refuse to mix runs in one out dir; return the checkpoint state to resume from, if any.
-    Changes nothing on disk: a run that fails to start leaves the dir as it was."""
+    resume: True (--resume), False, or "if-present" (make train: resume where the dir holds a
+    checkpoint). Changes nothing on disk: a run that fails to start leaves the dir as it was."""
     out = Path(cfg.train.out_dir)
     saved_cfg_path, ckpt_path = out / "config.yaml", out / CHECKPOINT_NAME
+    asked = resume is True  # else the run dir's checkpoint chose to resume: say how to replace it too
+    if resume == "if-present":
+        resume = ckpt_path.exists()
     nearest = next(p for p in (out, *out.parents) if p.exists())  # out itself, or where it would be made
     if not nearest.is_dir():
         raise RunDirError(f"train.out_dir {out} cannot be a run dir: {nearest} is a file; choose another train.out_dir")
@@ -52,7 +56,8 @@ def check_out_dir(cfg, resume: bool, overwrite: bool) -> dict | None:
         changed = set(config_lib.diff(checkpoint.config_of(state, ckpt_path), cfg)) - RESUMABLE_CHANGES
         if changed:
             raise RunDirError(f"the run in {out} was trained with other settings ({', '.join(sorted(changed))}); "
-                              f"resume with the same config or choose another train.out_dir")
+                              f"resume with the same config{'' if asked else ', replace it with --overwrite'} "
+                              f"or choose another train.out_dir")
         if state["step"] > cfg.train.steps:
             raise RunDirError(f"the run in {out} is at step {state['step']}, past train.steps={cfg.train.steps}; "
                               f"resume with train.steps of at least {state['step']}")
@@ -239,8 +244,9 @@ def sample_grid(ema_net, diffusion: Diffusion, image_size: int, n: int = 16, see
     return x
 
 
-def train(cfg, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train as cfg says (in every process torchrun starts, if any); returns the final checkpoint's path."""
+def train(cfg, resume: bool | str = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Train as cfg says (in every process torchrun starts, if any); returns the final checkpoint's path.
+    resume: True, False or "if-present" (check_out_dir)."""
     world, device = distributed.init(resolve_device(cfg.train.device))
     try:
         return _train(cfg, world, device, resume, overwrite, progress)

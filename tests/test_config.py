@@ -16,6 +16,9 @@ def test_overrides_are_typed_and_nested():
                                              "sample.clip_x0=false", "diffusion.beta_start=1e-4"])
     assert cfg.train.steps == 7 and cfg.train.lr == 3e-4 and cfg.model.channel_mults == [1, 2]
     assert cfg.sample.clip_x0 is False and cfg.diffusion.beta_start == 1e-4
+    # a text setting takes the text as typed (YAML would read 2024 as a number, yes as true), less quotes
+    texts = config.load("configs/mnist.yaml", ["train.out_dir=2024", "data.dir=yes", "sample.cuda_graph='enabled'"])
+    assert (texts.train.out_dir, texts.data.dir, texts.sample.cuda_graph) == ("2024", "yes", "enabled")
 
 
 def test_seed_config_matches_the_seed():
@@ -31,7 +34,9 @@ def test_seed_config_matches_the_seed():
     ("train.batch_size=-3", "train.batch_size must be >= 1"),
     ("train.batch_size=abc", "train.batch_size must be int"),
     ("train.batch_size=2.5", "train.batch_size must be int"),
-    ("train.steps=true", "train.steps must be int, got True (bool)"),
+    ("train.steps=true", "train.steps must be int, got 'true'"),
+    ("sample.eta=", "sample.eta must be float, got ''"),
+    ("sample.cuda_graph=yes", "sample.cuda_graph must be one of auto, enabled, disabled, got 'yes'"),
     ("train.lr=fast", "train.lr must be float"),
     ("sample.clip_x0=3", "sample.clip_x0 must be bool"),
     ("diffusion.timesteps=0", "diffusion.timesteps must be >= 1"),

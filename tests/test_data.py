@@ -138,6 +138,12 @@ def test_auto_falls_back_to_the_offline_subset_loudly(tmp_path, monkeypatch, cap
         assert ("download failed (Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -3] "
                 "Temporary failure in name resolution>)") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+    # the split it lacks, and all four files that full MNIST needs (evaluation reads the test split)
+    data.load_digits(config.load(None, [f"data.dir={tmp_path / 'kept'}"]).data, train=False)
+    err = capsys.readouterr().err
+    assert "no MNIST test IDX files (t10k-images-idx3-ubyte[.gz])" in err
+    assert all(name in err for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
 
 
 def test_model_input_range_and_size():

@@ -708,27 +708,45 @@ def test_sample_cli_options_reach_the_sampler(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make here (the GPU check runs pytest alone)")
-def test_make_train_continues_a_run_dir_that_holds_a_checkpoint(tmp_path):
-    """The Makefile passes --resume where the config's train.out_dir (ARGS' overrides included)
-    holds a checkpoint, unless ARGS says --overwrite; a dry run of the command it would run."""
-    run = tmp_path / "run"
-
+def test_make_train_asks_train_py_to_continue_a_run_dir_that_holds_a_checkpoint():
+    """--resume-if-present, unless ARGS says --overwrite or --resume; train.py finds the run dir
+    (ARGS may name another config, or a path with a space); a dry run of the command."""
     def train_command(args):
         result = subprocess.run(["make", "-n", "-o", ".venv/.installed", f"PYTHON={sys.executable}", "train",
                                  "CONFIG=configs/ci.yaml", f"ARGS={args}"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 0, result.stderr
-        return next(line for line in result.stdout.splitlines() if "train.py" in line)
-    assert "--resume" not in train_command(f"train.out_dir={run} train.steps=3")
-    run.mkdir()
-    (run / "checkpoint.pt").write_bytes(b"")
-    assert "--resume" in train_command(f"train.out_dir={run} train.steps=3")
-    assert "--resume" not in train_command(f"--overwrite train.out_dir={run}")
-    spaced = tmp_path / "my run"  # one path to the shell, as ARGS quotes it
-    assert "--resume" not in train_command(f"train.out_dir='{spaced}'")
-    spaced.mkdir()
-    (spaced / "checkpoint.pt").write_bytes(b"")
-    assert "--resume" in train_command(f"train.out_dir='{spaced}'")
+        return next(line for line in result.stdout.splitlines() if "train.py" in line).split()
+    assert "--resume-if-present" in train_command("train.steps=3")
+    assert train_command("--overwrite train.steps=3")[-2:] == ["--overwrite", "train.steps=3"]
+    assert "--resume-if-present" not in train_command("--resume") and "--resume" in train_command("--resume")
+
+
+def test_resume_if_present_starts_a_run_then_continues_it(tmp_path):
+    run = tmp_path / "my run"
+    first = checkpoint.load(train(ci_config(run, "train.steps=2"), resume="if-present", progress=False))
+    assert first["step"] == 2
+    assert checkpoint.load(train(ci_config(run, "train.steps=3"), resume="if-present", progress=False))["step"] == 3
+    # a run it did not ask to resume: the refusal says how to replace it as well
+    with pytest.raises(config.UserError, match=r"other settings \(train.lr\); resume with the same config, replace it "
+                                        r"with --overwrite or choose another train.out_dir"):
+        train(ci_config(run, "train.steps=4", "train.lr=0.01"), resume="if-present", progress=False)
+    with pytest.raises(config.UserError, match=r"other settings \(train.lr\); resume with the same config or choose"):
+        train(ci_config(run, "train.steps=4", "train.lr=0.01"), resume=True, progress=False)
+
+
+def test_train_py_passes_resume_if_present_on(monkeypatch):
+    import runpy
+    main = runpy.run_path(str(ROOT / "train.py"))["main"]
+    calls = []
+    monkeypatch.setitem(main.__globals__, "train", lambda cfg, **kwargs: calls.append(kwargs) or Path("x"))
+    for flag, resume in (("--resume-if-present", "if-present"), ("--resume", True), (None, False)):
+        monkeypatch.setattr(sys, "argv", ["train.py", "--config", "configs/ci.yaml", *([flag] if flag else [])])
+        main()
+        assert calls[-1]["resume"] == resume
+    monkeypatch.setattr(sys, "argv", ["train.py", "--overwrite", "--resume-if-present"])
+    with pytest.raises(SystemExit):
+        main()
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make here (the GPU check runs pytest alone)")
