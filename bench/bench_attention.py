@@ -12,6 +12,7 @@ import os
 import torch
 
 from bench.timing import time_fn
+from ddpm import cli
 from ddpm.runtime import has_bf16
 
 MODEL_SHAPE = dict(channels=256, seq=64, heads=1)
@@ -76,10 +77,15 @@ def _print_table(rows):
               f"{r['median_ms']:>10.3f} {r['iqr_ms']:>8.3f} {r['tflops']:>8.3g}")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
+def main():
+    parser = cli.ArgumentParser(prog="bench.bench_attention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--batch-sizes", type=cli.positive, nargs="+", default=[64, 512], help="default: 64 512")
     parser.add_argument("--quick", action="store_true", help="batch 2, C=64, N=16: a few seconds on CPU")
     args = parser.parse_args()
     _print_table(run(args.device, tuple(args.batch_sizes), args.quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ compare their losses; optionally score both with ddpm.eval.
 Real digits when the run's data source has them (the offline subset at least), so the losses mean
 something. Prints a table and writes loss_comparison.json (and .md) to --out.
 """
+import argparse
 import json
 import time
 from pathlib import Path
@@ -38,14 +39,15 @@ def run(cfg, device, images, steps: int, window: int) -> dict:
 
 
 def main():
-    parser = cli.ArgumentParser(prog="bench.compare_losses", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/mnist.yaml")
-    parser.add_argument("--steps", type=cli.positive, default=2000)
+    parser = cli.ArgumentParser(prog="bench.compare_losses", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/mnist.yaml", help="the run (default: %(default)s)")
+    parser.add_argument("--steps", type=cli.positive, default=2000, help="training steps of each run (default: %(default)s)")
     parser.add_argument("--window", type=cli.positive, default=100,
-                        help="steps averaged per loss point; the first window is not timed")
+                        help="steps averaged per loss point; the first window is not timed (default: %(default)s)")
     parser.add_argument("--eval-samples", type=cli.non_negative, default=0,
-                        help="score both runs' EMA weights with ddpm.eval (0: skip)")
-    parser.add_argument("--out", default="bench/results")
+                        help="score both runs' EMA weights with ddpm.eval (default: 0, no scores)")
+    parser.add_argument("--out", default="bench/results", help="for loss_comparison.json and .md (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both runs")
     args = parser.parse_intermixed_args()
     with cli.user_errors("bench.compare_losses"):

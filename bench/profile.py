@@ -9,6 +9,7 @@ PyTorch Profiler tab (torch-tb-profiler, in the dev extra; deprecated upstream).
 of each phase are printed as a table. --train-steps 0 profiles sampling alone; with
 sample.cuda_graph=disabled the compiled step's kernels show one by one.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -39,13 +40,15 @@ def trace(name: str, out: Path, steps: int, fn, device, sort_by: str, rows: int)
 
 
 def main():
-    parser = cli.ArgumentParser(prog="bench.profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/mnist.yaml")
-    parser.add_argument("--train-steps", type=cli.non_negative, default=10, help="0: sampling alone")
-    parser.add_argument("--sample-steps", type=cli.positive, default=20)
-    parser.add_argument("--rows", type=cli.positive, default=15, help="operators in each printed table")
-    parser.add_argument("--out", default="runs/profile")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser = cli.ArgumentParser(prog="bench.profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/mnist.yaml", help="the run profiled (default: %(default)s)")
+    parser.add_argument("--train-steps", type=cli.non_negative, default=10,
+                        help="training steps profiled; 0: sampling alone (default: %(default)s)")
+    parser.add_argument("--sample-steps", type=cli.positive, default=20, help="sampling steps profiled (default: %(default)s)")
+    parser.add_argument("--rows", type=cli.positive, default=15, help="operators in each printed table (default: %(default)s)")
+    parser.add_argument("--out", default="runs/profile", help="traces go to OUT/tb (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=128")
     args = parser.parse_intermixed_args()
     with cli.user_errors("bench.profile"):
         profile_run(args)

@@ -115,18 +115,34 @@ def check_writable(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror}); choose another place") from None
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
 def positive(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def non_negative(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def device(text: str):
+    """auto | cpu | cuda | cuda:N, as runtime.resolve_device has it; its refusals as argparse's."""
+    from ddpm.runtime import resolve_device
+    try:
+        return resolve_device(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_sampling_runtime_args(parser: argparse.ArgumentParser) -> None:
