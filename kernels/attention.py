@@ -31,6 +31,8 @@ _MAX_TILE = 4096
 # Bytes of the two operands of one tensor-core tl.dot staged in shared memory: half of the
 # 64 KB a T4 allows per block, leaving room for layout conversions and the reductions' scratch.
 _DOT_SMEM_BUDGET = 32 * 1024
+# triton before 3.3 (torch 2.6 brings 3.2) allocates registers differently: see _launch_config
+_TRITON_BEFORE_3_3 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 3)
 
 
 @triton.jit
@@ -198,6 +200,10 @@ def _launch_config(batch_heads: int, seq: int, head_dim: int, dtype: torch.dtype
         # N=64) 64-row blocks would leave half of an H100 idle; the extra K/V reads hit L2.
         while block_r > 16 and batch_heads * triton.cdiv(seq, block_r) < props.multi_processor_count:
             block_r //= 2
+        # Ampere's 64x64 tiles at 8 warps: triton 3.2 holds the dK/dV backward to 128 registers and
+        # spills 88 bytes with a 64-wide d chunk, none with 32 (3.3 to 3.8 spill none with 64).
+        if props.major == 8 and not on_fma and block_r * block_c >= 4096 and _TRITON_BEFORE_3_3:
+            block_d = min(block_d, 32)
         # Below sm_80 there is no cp.async to pipeline the d loop with: no extra smem buffers.
         if props.major < 8:
             num_stages = 1
