@@ -136,6 +136,20 @@ def test_launch_config_on_each_card(card, major, sms, dtype, head_dim, expected,
     assert _launch_config(64, 64, head_dim, dtype, torch.device("cuda")) == expected
 
 
+@pytest.mark.parametrize("before_3_3,block_d", [(True, 32), (False, 64)])
+def test_ampere_full_tiles_narrow_the_d_chunk_under_triton_3_2(before_3_3, block_d, monkeypatch):
+    """Batch 512 keeps an A100's 64x64 tiles at 8 warps, where triton 3.2's dK/dV backward spilled
+    88 bytes with a 64-wide d chunk (tests/test_kernels_compile_for_gpus.py, run with triton 3.2)."""
+    from types import SimpleNamespace
+
+    from kernels import attention
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(major=8, multi_processor_count=108))
+    monkeypatch.setattr(attention, "_TRITON_BEFORE_3_3", before_3_3)
+    assert attention._launch_config(512, 64, 256, torch.bfloat16, torch.device("cuda")) == dict(
+        BLOCK_R=64, BLOCK_C=64, BLOCK_D=block_d, num_warps=8, num_stages=2)
+
+
 def test_backward_is_deterministic(device):
     if device.type != "cuda":
         pytest.skip("the interpreter runs programs one after another: only a GPU can reorder them")
