@@ -183,11 +183,11 @@ def _coerce(value, annotation, key: str):
 
 class _OverrideText(str):
     """A key=value override's value as typed: a text setting takes it as it is (yes, 2024 and an
-    empty value stay text; quotes, as YAML's, are taken off), any other is read as YAML."""
+    empty value stay text; outer spaces and quotes, as YAML's, are taken off), any other is read as YAML."""
 
     def as_text(self) -> str:
         quoted = len(self) >= 2 and self[0] == self[-1] and self[0] in "'\""
-        value = self.as_yaml() if quoted else str(self)
+        value = self.as_yaml() if quoted else str(self).strip()
         return value if isinstance(value, str) else str(self)
 
     def as_yaml(self):

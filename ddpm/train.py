@@ -287,6 +287,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
 
     trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
     start = restore(trainer, resumed, ckpt_path) if resumed is not None else 0
+    replace_old_run = overwrite and resumed is None  # --overwrite clears the dir when the first step has run
     del resumed
     writer = None  # rank 0's, made with the run dir once the first step has run
     if world.is_main:
@@ -322,7 +323,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
             if world.is_main and writer is None:
                 # settings that fail at the first step (a kernel, an overflow) have failed by now, so
                 # only now is the run dir written and the run it replaces (--overwrite) cleared
-                start_out_dir(cfg, replace=overwrite and not resume)
+                start_out_dir(cfg, replace=replace_old_run)
                 writer = SummaryWriter(str(out / "tb"))
             window[1] += 1
             done = step + 1

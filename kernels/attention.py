@@ -16,6 +16,8 @@ launches that write disjoint parts of dqkv, so it is deterministic without atomi
   - per query block: delta = rowsum(dO * O) (stored) and dq;
   - per key block, against all queries: dk and dv.
 """
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +34,7 @@ _MAX_TILE = 4096
 # 64 KB a T4 allows per block, leaving room for layout conversions and the reductions' scratch.
 _DOT_SMEM_BUDGET = 32 * 1024
 # triton before 3.3 (torch 2.6 brings 3.2) allocates registers differently: see _launch_config
-_TRITON_BEFORE_3_3 = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 3)
+_TRITON_BEFORE_3_3 = tuple(map(int, re.match(r"(\d+)\.(\d+)", triton.__version__).groups())) < (3, 3)
 
 
 @triton.jit

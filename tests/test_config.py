@@ -17,7 +17,7 @@ def test_overrides_are_typed_and_nested():
     assert cfg.train.steps == 7 and cfg.train.lr == 3e-4 and cfg.model.channel_mults == [1, 2]
     assert cfg.sample.clip_x0 is False and cfg.diffusion.beta_start == 1e-4
     # a text setting takes the text as typed (YAML would read 2024 as a number, yes as true), less quotes
-    texts = config.load("configs/mnist.yaml", ["train.out_dir=2024", "data.dir=yes", "sample.cuda_graph='enabled'"])
+    texts = config.load("configs/mnist.yaml", ["train.out_dir=2024", "data.dir= yes ", "sample.cuda_graph='enabled'"])
     assert (texts.train.out_dir, texts.data.dir, texts.sample.cuda_graph) == ("2024", "yes", "enabled")
 
 

@@ -733,6 +733,13 @@ def test_resume_if_present_starts_a_run_then_continues_it(tmp_path):
         train(ci_config(run, "train.steps=4", "train.lr=0.01"), resume="if-present", progress=False)
     with pytest.raises(config.UserError, match=r"other settings \(train.lr\); resume with the same config or choose"):
         train(ci_config(run, "train.steps=4", "train.lr=0.01"), resume=True, progress=False)
+    # with --overwrite (the Python API allows both) a dir without a checkpoint is cleared as --overwrite clears it
+    stopped = tmp_path / "stopped"
+    (stopped / "tb").mkdir(parents=True)
+    (stopped / "tb" / "events.old").write_text("")
+    (stopped / "config.yaml").write_text("")
+    train(ci_config(stopped, "train.steps=1"), resume="if-present", overwrite=True, progress=False)
+    assert not (stopped / "tb" / "events.old").exists()
 
 
 def test_train_py_passes_resume_if_present_on(monkeypatch):
