@@ -149,6 +149,19 @@ def test_the_quick_cpu_run_skips_every_variant_that_needs_a_gpu():
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_the_quick_bench_skips_the_gpu_only_variants(tmp_path):
+    """...and the benchmarks act on that list: each GPU-only variant's row is skipped, not run."""
+    from bench import variants
+    nodes = [f"bench/test_train_throughput.py::test_train_step[64-{name}]" for name in variants.TRAIN
+             if name in variants.GPU_ONLY]
+    nodes += [f"bench/test_sampling.py::test_sampling[ddpm-{name}]" for name in variants.SAMPLE if name in variants.GPU_ONLY]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--bench-size=quick",
+                             "--bench-out", str(tmp_path), "-rs", *nodes], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert f"{len(nodes)} skipped" in result.stdout and " passed" not in result.stdout, result.stdout[-2000:]
+
+
 def test_make_profile_writes_traces_for_tensorboard_and_prints_the_top_operators(tmp_path):
     """Without digits on the machine (a lent GPU without the carried wheel), on synthetic ones."""
     no_data = ["data.source=idx", f"data.dir={tmp_path / 'no-data'}"]
