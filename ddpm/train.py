@@ -278,10 +278,13 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     # a failure too (as an exit status, without data): the other ranks then exit after rank 0,
     # which says why, instead of failing in a collective that rank 0 has left
     exit_status = None if failed is None else 2 if isinstance(failed, UserError) else 1
-    resumed, digits, exit_status = distributed.from_main(
-        world, (resumed, digits, None) if failed is None else (None, None, exit_status))
+    message = str(failed) if isinstance(failed, UserError) else None
+    resumed, digits, exit_status, message = distributed.from_main(
+        world, (resumed, digits, None, None) if failed is None else (None, None, exit_status, message))
     if failed is not None:
         raise failed
+    if message is not None and world.local_rank == 0:  # the first process of another node says it there too
+        raise UserError(f"rank 0: {message}")
     if exit_status is not None:
         cli.exit_after_reporter(exit_status)
 

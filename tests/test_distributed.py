@@ -142,6 +142,26 @@ def test_bad_input_under_torchrun_is_one_line(tmp_path):
         "torchrun: error: --nproc_per_node=0: no processes to start; pass a count >= 1"]
 
 
+def test_rank_0s_error_is_said_on_every_node(tmp_path):
+    """Rank 0 alone checks the run dir: two nodes of one process each (two launchers on this
+    machine, torchrun's c10d rendezvous), and the other node's process says rank 0's error too."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "file").write_text("")
+    nodes = [subprocess.Popen([sys.executable, "-m", "ddpm.distributed", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               f"--rdzv_conf=is_host={str(node == 0).lower()}", "--rdzv_id=two-nodes", "train.py",
+                               "--config", "configs/ci.yaml", f"train.out_dir={tmp_path / 'file' / 'run'}"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    said = [node.communicate(timeout=120)[1].strip() for node in nodes]
+    assert [node.returncode for node in nodes] == [2, 2]
+    error = (f"train.out_dir {tmp_path / 'file' / 'run'} cannot be a run dir: {tmp_path / 'file'} is a file; "
+             "choose another train.out_dir")
+    assert sorted(said) == [f"train.py: error: rank 0: {error}", f"train.py: error: {error}"], said
+
+
 def test_a_diverged_run_is_one_line_and_ends_at_once(tmp_path):
     """Rank 0 reports the divergence; rank 1 waits to be stopped (cli.exit_after_reporter), and
     torchrun's SIGTERM ends it at once, though the training loop's own handler (finish the step,
