@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from bench.conftest import results_path
+from ddpm import cli
 
 
 class CompareError(Exception):
@@ -85,7 +86,8 @@ def markdown(old: dict, new: dict, lines: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="bench.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("new", nargs="?", help="a results .json (default: this machine's, in bench/results)")
     parser.add_argument("--against", default="HEAD",
                         help="an earlier results .json, or a git revision of NEW (default: %(default)s)")

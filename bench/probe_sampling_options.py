@@ -25,7 +25,7 @@ from torch._inductor import config as inductor_config
 from bench import variants
 from bench.common import load_config, sync
 import ddpm.sample
-from ddpm import model
+from ddpm import cli, model
 from ddpm.diffusion import Diffusion
 from ddpm.runtime import compile_model
 from ddpm.sample import FastStep
@@ -193,7 +193,8 @@ def sampling_row(name: str) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="bench.probe_sampling_options", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     args = parser.parse_args()
