@@ -6,13 +6,11 @@ Times forward and forward+backward at the model's shape (C=256, N=64 tokens, one
 fp32, fp16 and, where the GPU has it, bf16. FLOPs counted: 4*B*heads*N*N*d forward (two
 matmuls), 2.5 times that for the backward.
 """
-import argparse
 import os
 
 import torch
 
-from bench.timing import time_fn
-from ddpm import cli
+from bench.timing import run_microbenchmark, time_fn
 from ddpm.runtime import has_bf16
 
 MODEL_SHAPE = dict(channels=256, seq=64, heads=1)
@@ -78,13 +76,8 @@ def _print_table(rows):
 
 
 def main():
-    parser = cli.ArgumentParser(prog="bench.bench_attention", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--batch-sizes", type=cli.positive, nargs="+", default=[64, 512], help="default: 64 512")
-    parser.add_argument("--quick", action="store_true", help="batch 2, C=64, N=16: a few seconds on CPU")
-    args = parser.parse_args()
-    _print_table(run(args.device, tuple(args.batch_sizes), args.quick))
+    run_microbenchmark("bench.bench_attention", __doc__,
+                       "batch 2, C=64, N=16: a few seconds on CPU", run, _print_table)
 
 
 if __name__ == "__main__":

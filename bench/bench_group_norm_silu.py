@@ -5,7 +5,6 @@
 
 Without a GPU the Triton variant runs in the interpreter (~3 ms per program): use --quick there.
 """
-import argparse
 import os
 from contextlib import nullcontext
 from unittest.mock import patch
@@ -16,8 +15,7 @@ import torch  # noqa: E402  (does not import triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.timing import time_fn  # noqa: E402
-from ddpm import cli  # noqa: E402
+from bench.timing import run_microbenchmark, time_fn  # noqa: E402
 from ddpm.runtime import has_bf16  # noqa: E402
 from kernels import group_norm_silu as group_norm_silu_kernels, reference  # noqa: E402
 from kernels.group_norm_silu import group_norm_silu as triton_group_norm_silu  # noqa: E402
@@ -134,13 +132,8 @@ def _print_table(rows):
 
 
 def main():
-    parser = cli.ArgumentParser(prog="bench.bench_group_norm_silu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--batch-sizes", type=cli.positive, nargs="+", default=[64, 512], help="default: 64 512")
-    parser.add_argument("--quick", action="store_true", help="small shapes: the Triton interpreter takes ~3 ms per program on a CPU")
-    args = parser.parse_args()
-    _print_table(run(args.device, tuple(args.batch_sizes), args.quick))
+    run_microbenchmark("bench.bench_group_norm_silu", __doc__,
+                       "small shapes: the Triton interpreter takes ~3 ms per program on a CPU", run, _print_table)
 
 
 if __name__ == "__main__":

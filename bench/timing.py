@@ -1,9 +1,12 @@
 """Timing shared by the kernel microbenchmarks: GPU time from CUDA events on a GPU, perf_counter on
-CPU; median and spread."""
+CPU; median and spread. And their command line (run_microbenchmark)."""
+import argparse
 import statistics
 import time
 
 import torch
+
+from ddpm import cli
 
 # Larger than any GPU's L2 (H100: 50 MB): zeroing it before each call leaves the kernel a cold L2,
 # as triton.testing.do_bench does, so a batch-512 activation cannot be read from cache call after call.
@@ -42,3 +45,13 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 10, device: str | torch.devic
     q1, q3 = times[len(times) // 4], times[(3 * len(times)) // 4]
     return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1],
             "iqr_ms": q3 - q1, "repeats": repeats}
+
+
+def run_microbenchmark(prog: str, doc: str, quick_help: str, run, print_table) -> None:
+    """`python -m bench.<prog> [--device D] [--batch-sizes B ...] [--quick]`: print_table(run(device, batch_sizes, quick))."""
+    parser = cli.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--batch-sizes", type=cli.positive, nargs="+", default=[64, 512], help="default: 64 512")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args()
+    print_table(run(args.device, tuple(args.batch_sizes), args.quick))
