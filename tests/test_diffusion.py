@@ -35,6 +35,23 @@ def test_q_sample_statistics():
         assert abs(xt.var().item() - (1 - abar)) < 0.01 * max(1 - abar, 1e-2) + 1e-4
 
 
+def test_q_sample_is_ho_et_al_eq_4_and_the_samplers_invert_it():
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with the given eps (its statistics alone do not see
+    the sign of the noise term), and every plan's x0 from (x_t, eps) gives x0 back."""
+    d = Diffusion(T)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1, torch.randn(3, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 400, 999])
+    abar = d.schedule64["alphas_cumprod"][t].view(-1, 1, 1, 1)
+    xt = d.q_sample(x0, t, noise)
+    torch.testing.assert_close(xt.double(), abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise.double(),
+                               rtol=1e-6, atol=1e-6)
+    for plan in (d.ddpm_plan("beta"), d.ddim_plan(T)):  # DDIM with every step: its i is T - 1 - t
+        i = [int((plan.timesteps == step).nonzero()) for step in t]
+        x0_back = plan.x0_from_xt[i].view(-1, 1, 1, 1) * xt - plan.x0_from_eps[i].view(-1, 1, 1, 1) * noise
+        torch.testing.assert_close(x0_back, x0, rtol=0, atol=2e-3)
+
+
 def test_posterior_matches_ho_et_al_eq_6_7():
     """The posterior from Bayes' rule on the two Gaussians q(x_t | x_{t-1}) and q(x_{t-1} | x_0)."""
     s = Diffusion(T).schedule64
