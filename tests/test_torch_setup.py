@@ -1,0 +1,143 @@
+"""make setup's choice of torch for the machine (ddpm/torch_setup.py) and what it installs to match."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+import triton
+
+from ddpm import torch_setup
+from ddpm.torch_setup import CUDA12_PIN, choose
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTED = "torch==2.14.1 torchvision==0.29.1"
+KAGGLE_TORCH = ("2.6.0+cu124", True)
+
+
+def test_the_choice_follows_the_pin_then_the_record_then_the_gpus_torch_then_the_driver():
+    assert choose("torch==2.9.0 torchvision==0.24.0", "", KAGGLE_TORCH, (12, 4), TESTED)[0] == \
+        "torch==2.9.0 torchvision==0.24.0"
+    assert choose("", CUDA12_PIN, KAGGLE_TORCH, (13, 0), TESTED)[0] == CUDA12_PIN
+    assert choose("", "", KAGGLE_TORCH, (12, 4), TESTED) == \
+        ("system", f"{sys.executable}'s torch 2.6.0+cu124 sees the GPU")
+    # a torch that sees no GPU, or one older than 2.6, is not used: the driver decides
+    assert choose("", "", ("2.6.0+cu124", False), (12, 4), TESTED)[0] == CUDA12_PIN
+    assert choose("", "", ("2.5.1", True), (12, 8), TESTED)[0] == CUDA12_PIN
+    assert choose("", "", None, (13, 0), TESTED)[0] == TESTED
+    assert choose("", "", ("2.14.1", False), None, TESTED)[0] == TESTED  # this CPU machine and CI
+    assert choose("system", "", ("2.6.0", False), None, TESTED)[0] == "system"  # asked for, even without a GPU
+
+
+@pytest.mark.parametrize("pin, recorded", [("system", ""), ("", "system")])
+def test_a_system_torch_that_is_not_there_is_refused(pin, recorded):
+    for found, have in ((None, "no torch with torchvision"), (("2.5.1", True), "torch 2.5.1")):
+        with pytest.raises(torch_setup.SetupError, match=f"TORCH_PIN=system, but .* has {have}; install torch >= 2.6"):
+            choose(pin, recorded, found, (12, 4), TESTED)
+
+
+def fake_program(tmp_path, name, script):
+    path = tmp_path / "bin" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_it_reads_the_drivers_cuda_from_nvidia_smi_and_the_torch_of_a_python(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert torch_setup.driver_cuda() is None  # no nvidia-smi
+    fake_program(tmp_path, "nvidia-smi", "echo '| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4     |'")
+    assert torch_setup.driver_cuda() == (12, 4)
+    python = fake_program(tmp_path, "python", 'echo "2.6.0+cu124 1"')
+    assert torch_setup.system_torch(str(python)) == ("2.6.0+cu124", True)
+    assert torch_setup.system_torch(sys.executable) == (torch.__version__, torch.cuda.is_available())
+    missing = fake_program(tmp_path, "python-without-torch", "echo 'ModuleNotFoundError' >&2; exit 1")
+    assert torch_setup.system_torch(str(missing)) is None
+
+
+def run_create(tmp_path, monkeypatch, pin, found_torch, cuda=None):
+    commands = []
+    monkeypatch.setattr(torch_setup.subprocess, "run", lambda cmd, check: commands.append(cmd))
+    monkeypatch.setattr(torch_setup, "system_torch", lambda: found_torch)
+    monkeypatch.setattr(torch_setup, "driver_cuda", lambda: cuda)
+    monkeypatch.setenv("TORCH_PIN", pin)
+    torch_setup.create(tmp_path / "venv", TESTED)
+    return commands
+
+
+def test_it_installs_the_chosen_pair_and_keeps_a_pin_it_was_given_for_the_next_build(tmp_path, monkeypatch):
+    venv, pip = tmp_path / "venv", str(tmp_path / "venv" / "bin" / "pip")
+    assert run_create(tmp_path, monkeypatch, "", None) == [
+        [sys.executable, "-m", "venv", str(venv)], [pip, "--quiet", "install", "torch==2.14.1", "torchvision==0.29.1"]]
+    assert not (venv / ".torch-pin").exists()  # the tested pair is not kept: a new one in the Makefile applies
+    assert run_create(tmp_path, monkeypatch, "", None, cuda=(12, 2))[1] == \
+        [pip, "--quiet", "install", "torch", "torchvision", "--index-url", "https://download.pytorch.org/whl/cu126"]
+    venv.mkdir()
+    given = "torch==2.9.1 torchvision==0.24.1 --index-url 'https://download.pytorch.org/whl/cu128'"
+    run_create(tmp_path, monkeypatch, given, None)
+    assert (venv / ".torch-pin").read_text() == given + "\n"
+    # a rebuild not told the pin (a later `make train` after a change to the Makefile) installs it again
+    assert run_create(tmp_path, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4))[1] == \
+        [pip, "--quiet", "install", "torch==2.9.1", "torchvision==0.24.1", "--index-url",
+         "https://download.pytorch.org/whl/cu128"]
+
+
+def test_the_system_torch_is_read_through_the_venv_with_no_copy_of_its_own(tmp_path, monkeypatch):
+    venv = tmp_path / "venv"
+    # an earlier build's torch inside the venv would come first on the path
+    for name in ("torch", "triton"):
+        (venv / "lib" / "python3.12" / "site-packages" / name).mkdir(parents=True)
+    assert run_create(tmp_path, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4)) == [
+        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+        [str(venv / "bin" / "pip"), "--quiet", "uninstall", "--yes", "torch", "triton"]]
+
+
+def test_a_refused_or_failed_setup_is_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch_setup, "system_torch", lambda: None)
+    monkeypatch.setattr(torch_setup, "driver_cuda", lambda: None)
+    monkeypatch.setenv("TORCH_PIN", "system")
+    assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("make setup: error: TORCH_PIN=system, but ") and err.count("\n") == 1
+    monkeypatch.setenv("TORCH_PIN", "torch==0.0.0")
+    monkeypatch.setattr(torch_setup.subprocess, "run", lambda cmd, check: (_ for _ in ()).throw(
+        subprocess.CalledProcessError(1, cmd)))
+    assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 1
+    assert capsys.readouterr().err == \
+        f"make setup: error: {sys.executable} -m venv {tmp_path / 'venv'} failed (exit status 1); see its output above\n"
+    assert torch_setup.main([]) == 2
+
+
+def test_the_extras_match_the_installed_torchs_cuda_and_triton(monkeypatch):
+    old_triton = torch_setup.version_tuple(triton.__version__) < (3, 8)
+    assert torch_setup.extras() == [f"nvidia-dali-cuda{torch.version.cuda.split('.')[0] if torch.version.cuda else 13}0"] \
+        + (["numpy<2.4"] if old_triton and torch_setup.version_tuple(numpy.__version__) >= (2, 4) else [])
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    assert torch_setup.extras() == ["nvidia-dali-cuda120", "numpy<2.4"]
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert torch_setup.extras() == ["nvidia-dali-cuda130"]
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build: DALI runs on the CPU
+    monkeypatch.setattr(triton, "__version__", "3.8.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    assert torch_setup.extras() == ["nvidia-dali-cuda130"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make here (the GPU check runs pytest alone)")
+def test_make_setup_hands_the_pin_of_the_command_line_or_the_environment_to_the_chooser(tmp_path):
+    """A CUDA 12 machine's wheels (README, Kaggle-style machines) given either way reach ddpm.torch_setup."""
+    log = tmp_path / "log"
+    python = fake_program(tmp_path, "python", f'echo "$*|$TORCH_PIN" >> {log}; exit 1')  # stops make there
+    pin = "torch torchvision --index-url https://download.pytorch.org/whl/cu126"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_PIN"}
+    for args, extra_env in (([], {}), ([f"TORCH_PIN={pin}"], {}), ([], {"TORCH_PIN": pin})):
+        subprocess.run(["make", f"VENV={tmp_path / 'venv'}", f"PY={python}", "setup", *args], cwd=ROOT,
+                       env={**env, **extra_env}, capture_output=True, timeout=60)
+    assert log.read_text().splitlines() == [f"-m ddpm.torch_setup {tmp_path / 'venv'} {TESTED}|{pin_}"
+                                            for pin_ in ("", pin, pin)]
