@@ -174,8 +174,17 @@ def test_sample_returns_frames_ending_at_the_result():
     cfg = config.load("configs/ci.yaml")
     net = model.build(cfg).eval()
     d = Diffusion.from_config(cfg.diffusion)
-    x, frames = d.sample(net, (2, 1, 32, 32), d.ddim_plan(10), generator=torch.Generator().manual_seed(0), keep_every=4)
-    assert len(frames) == 1 + 3 and torch.equal(frames[-1], x) and x.abs().max() <= 1.0 + 1e-6
+    plan = d.ddim_plan(10)
+    after = []  # x after each step
+
+    def step(i, x, noise):
+        after.append(d.denoise(net, plan, i, x, noise))
+        return after[-1]
+    x, frames = d.sample(net, (2, 1, 32, 32), plan, generator=torch.Generator().manual_seed(0), keep_every=4, step=step)
+    # the starting noise, then x after steps 4 and 8 and after the last
+    assert len(frames) == 1 + 3 and torch.equal(frames[0], torch.randn((2, 1, 32, 32), generator=torch.Generator().manual_seed(0)))
+    assert all(torch.equal(frame, after[k]) for frame, k in zip(frames[1:], (3, 7, 9)))
+    assert torch.equal(frames[-1], x) and x.abs().max() <= 1.0 + 1e-6
 
 
 def test_small_model_overfits_eight_images():
