@@ -81,10 +81,8 @@ def choose(pin: str, recorded: str, found_torch: tuple[str, bool] | None, cuda: 
     return default_pin, "the pair this project is tested with"
 
 
-def _own_torch(venv: Path) -> list[str]:
-    """The torch packages installed inside the venv itself, which would hide the system's."""
-    return [name for name in ("torch", "torchvision", "triton")
-            if glob.glob(str(venv / "lib" / "python*" / "site-packages" / name))]
+def _has_own_torch(venv: Path) -> bool:
+    return bool(glob.glob(str(venv / "lib" / "python*" / "site-packages" / "torch")))
 
 
 def create(venv: Path, default_pin: str) -> None:
@@ -93,16 +91,15 @@ def create(venv: Path, default_pin: str) -> None:
     recorded = record.read_text().strip() if record.exists() else ""
     choice, why = choose(pin, recorded, system_torch(), driver_cuda(), default_pin)
     print(f"make setup: torch: {choice}; {why}", flush=True)
-    use_system = choice == "system"
-    subprocess.run([sys.executable, "-m", "venv", *(["--system-site-packages"] if use_system else []), str(venv)],
-                   check=True)
-    pip = [str(venv / "bin" / "pip"), "--quiet"]
-    if use_system:
-        own = _own_torch(venv)
-        if own:  # an earlier build's wheels, which would come first on the path
-            subprocess.run([*pip, "uninstall", "--yes", *own], check=True)
+    if choice == "system":
+        # An earlier build's torch in the venv would come before the system's on the path, and so
+        # would its CUDA libraries (nvidia-*), which torch's import loads from the first folder that
+        # has them: that venv starts again empty.
+        flags = ["--system-site-packages", *(["--clear"] if _has_own_torch(venv) else [])]
+        subprocess.run([sys.executable, "-m", "venv", *flags, str(venv)], check=True)
     else:
-        subprocess.run([*pip, "install", *shlex.split(choice)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "--quiet", "install", *shlex.split(choice)], check=True)
     if pin:
         record.write_text(pin + "\n")
 

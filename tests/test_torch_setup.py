@@ -88,12 +88,12 @@ def test_it_installs_the_chosen_pair_and_keeps_a_pin_it_was_given_for_the_next_b
 
 def test_the_system_torch_is_read_through_the_venv_with_no_copy_of_its_own(tmp_path, monkeypatch):
     venv = tmp_path / "venv"
-    # an earlier build's torch inside the venv would come first on the path
-    for name in ("torch", "triton"):
-        (venv / "lib" / "python3.12" / "site-packages" / name).mkdir(parents=True)
     assert run_create(tmp_path, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4)) == [
-        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-        [str(venv / "bin" / "pip"), "--quiet", "uninstall", "--yes", "torch", "triton"]]
+        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)]]
+    # an earlier build's torch (and its CUDA libraries) inside the venv would come first on the path
+    (venv / "lib" / "python3.12" / "site-packages" / "torch").mkdir(parents=True)
+    assert run_create(tmp_path, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4)) == [
+        [sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(venv)]]
 
 
 def test_a_refused_or_failed_setup_is_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, capsys):
