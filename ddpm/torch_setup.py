@@ -2,9 +2,9 @@
 
 `python3 -m ddpm.torch_setup VENV DEFAULT_PIN` (run by the system python before .venv has torch, so
 standard library only) creates VENV and installs torch and torchvision, the first of:
-  1. TORCH_PIN from the environment or make's command line: pip's arguments, or `system`. It is kept
-     in VENV/.torch-pin, so that a rebuild of .venv (after a change to pyproject.toml or the
-     Makefile) installs it again without being told;
+  1. TORCH_PIN from the environment or make's command line: pip's arguments, or `system`. The venv
+     keeps it (VENV/.torch-pin), so that a rebuild of .venv (after a change to pyproject.toml or the
+     Makefile) installs it again without being told; delete that file to forget it;
   2. the pin a previous build kept there;
   3. this python's own torch (>= 2.6, with torchvision) when it sees a GPU, as a Kaggle image's
      preinstalled one does: the venv then reads the system's packages instead of downloading a
@@ -12,6 +12,10 @@ standard library only) creates VENV and installs torch and torchvision, the firs
   4. PyTorch's CUDA 12.6 wheels when the NVIDIA driver's CUDA is 12.x: PyPI's torch is built for
      CUDA 13 and sees no GPU under a CUDA 12 driver;
   5. DEFAULT_PIN, the pair this project is tested with.
+A venv whose torch came from another choice starts again empty: pip keeps an installed torch that
+satisfies the new requirement whatever its CUDA build, and the system's torch would come after the
+venv's own. VENV/torch-constraints.txt then holds the torch and torchvision installed, for the
+Makefile's later pip commands, so that no other requirement replaces them.
 `VENV/bin/python -m ddpm.torch_setup --extras` prints what must match the torch installed: the NVIDIA
 DALI build for its CUDA, and numpy < 2.4 beside a Triton older than 3.8, whose interpreter (the
 tests' Triton) fails on numpy 2.4 (3.2 and 3.6 do; 3.8 does not).
@@ -26,9 +30,12 @@ from pathlib import Path
 
 MIN_TORCH = (2, 6)
 CUDA12_PIN = "torch torchvision --index-url https://download.pytorch.org/whl/cu126"
-RECORD = ".torch-pin"
-# what this python's torch is: "<version> <sees a GPU: 0|1>", or a failure when torch or torchvision is missing
-_PROBE = "import torch, torchvision; print(torch.__version__, int(torch.cuda.is_available()))"
+PIN_RECORD = ".torch-pin"         # a TORCH_PIN given once
+INSTALLED_RECORD = ".torch-from"  # the choice the venv's torch came from
+CONSTRAINTS = "torch-constraints.txt"
+# a marked line, whatever else importing torch prints
+_PROBE = ("import torch, torchvision; "
+          "print('torch-setup-probe', torch.__version__, torchvision.__version__, int(torch.cuda.is_available()))")
 
 
 class SetupError(Exception):
@@ -40,16 +47,17 @@ def version_tuple(text: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def system_torch(python: str = sys.executable) -> tuple[str, bool] | None:
-    """(version, sees a GPU) of the torch this python imports with torchvision, or None."""
+def probe_torch(python: str = sys.executable) -> tuple[str, str, bool] | None:
+    """(torch's version, torchvision's, sees a GPU) for what this python imports, or None."""
     try:
         result = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    fields = result.stdout.split()
-    if result.returncode != 0 or len(fields) != 2:
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("torch-setup-probe ")]
+    if result.returncode != 0 or not lines or len(lines[-1]) != 4:
         return None
-    return fields[0], fields[1] == "1"
+    _, torch_version, vision_version, gpu = lines[-1]
+    return torch_version, vision_version, gpu == "1"
 
 
 def driver_cuda() -> tuple[int, int] | None:
@@ -62,7 +70,15 @@ def driver_cuda() -> tuple[int, int] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
-def choose(pin: str, recorded: str, found_torch: tuple[str, bool] | None, cuda: tuple[int, int] | None,
+def normalized(pin: str) -> str:
+    """`system` however it came quoted (a notebook's %env keeps the quotes)."""
+    try:
+        return "system" if shlex.split(pin) == ["system"] else pin.strip()
+    except ValueError:
+        raise SetupError(f"TORCH_PIN={pin} has unbalanced quotes; give pip's arguments, or system") from None
+
+
+def choose(pin: str, recorded: str, found_torch: tuple[str, str, bool] | None, cuda: tuple[int, int] | None,
            default_pin: str) -> tuple[str, str]:
     """(`system` or pip's arguments for torch and torchvision, why) in the order of this module's doc."""
     usable = found_torch is not None and version_tuple(found_torch[0]) >= MIN_TORCH
@@ -73,12 +89,16 @@ def choose(pin: str, recorded: str, found_torch: tuple[str, bool] | None, cuda: 
     if pin:
         return pin, "TORCH_PIN"
     if recorded:
-        return recorded, f"the TORCH_PIN this venv was built with, kept in its {RECORD} (TORCH_PIN=... replaces it)"
-    if usable and found_torch[1]:
+        return recorded, f"the TORCH_PIN this venv was built with, kept in its {PIN_RECORD} (delete it to forget it)"
+    if usable and found_torch[2]:
         return "system", f"{sys.executable}'s torch {found_torch[0]} sees the GPU"
     if cuda is not None and cuda[0] == 12:
         return CUDA12_PIN, f"the NVIDIA driver runs CUDA {cuda[0]}.{cuda[1]}, and PyPI's torch is built for CUDA 13"
     return default_pin, "the pair this project is tested with"
+
+
+def _read(path: Path) -> str:
+    return path.read_text().strip() if path.exists() else ""
 
 
 def _has_own_torch(venv: Path) -> bool:
@@ -86,22 +106,26 @@ def _has_own_torch(venv: Path) -> bool:
 
 
 def create(venv: Path, default_pin: str) -> None:
-    pin = os.environ.get("TORCH_PIN", "").strip()
-    record = venv / RECORD
-    recorded = record.read_text().strip() if record.exists() else ""
-    choice, why = choose(pin, recorded, system_torch(), driver_cuda(), default_pin)
+    pin = normalized(os.environ.get("TORCH_PIN", ""))
+    recorded = _read(venv / PIN_RECORD)
+    choice, why = choose(pin, recorded, probe_torch(), driver_cuda(), default_pin)
     print(f"make setup: torch: {choice}; {why}", flush=True)
-    if choice == "system":
-        # An earlier build's torch in the venv would come before the system's on the path, and so
-        # would its CUDA libraries (nvidia-*), which torch's import loads from the first folder that
-        # has them: that venv starts again empty.
-        flags = ["--system-site-packages", *(["--clear"] if _has_own_torch(venv) else [])]
-        subprocess.run([sys.executable, "-m", "venv", *flags, str(venv)], check=True)
-    else:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # a venv from before these records holds the default pair, or nothing
+    installed_from = _read(venv / INSTALLED_RECORD) or (default_pin if _has_own_torch(venv) else "")
+    flags = ["--system-site-packages"] if choice == "system" else []
+    if installed_from and installed_from != choice:
+        flags.append("--clear")
+    subprocess.run([sys.executable, "-m", "venv", *flags, str(venv)], check=True)
+    if choice != "system":
         subprocess.run([str(venv / "bin" / "pip"), "--quiet", "install", *shlex.split(choice)], check=True)
-    if pin:
-        record.write_text(pin + "\n")
+    installed = probe_torch(str(venv / "bin" / "python"))
+    if installed is None:
+        raise SetupError(f"{venv}/bin/python cannot import torch and torchvision after installing them from "
+                         f"'{choice}'; see pip's output above")
+    (venv / CONSTRAINTS).write_text(f"torch=={installed[0]}\ntorchvision=={installed[1]}\n")
+    (venv / INSTALLED_RECORD).write_text(choice + "\n")
+    if pin or recorded:  # --clear removed it
+        (venv / PIN_RECORD).write_text((pin or recorded) + "\n")
 
 
 def extras() -> list[str]:

@@ -15,7 +15,7 @@ from ddpm.torch_setup import CUDA12_PIN, choose
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTED = "torch==2.14.1 torchvision==0.29.1"
-KAGGLE_TORCH = ("2.6.0+cu124", True)
+KAGGLE_TORCH = ("2.6.0+cu124", "0.21.0+cu124", True)
 
 
 def test_the_choice_follows_the_pin_then_the_record_then_the_gpus_torch_then_the_driver():
@@ -25,18 +25,25 @@ def test_the_choice_follows_the_pin_then_the_record_then_the_gpus_torch_then_the
     assert choose("", "", KAGGLE_TORCH, (12, 4), TESTED) == \
         ("system", f"{sys.executable}'s torch 2.6.0+cu124 sees the GPU")
     # a torch that sees no GPU, or one older than 2.6, is not used: the driver decides
-    assert choose("", "", ("2.6.0+cu124", False), (12, 4), TESTED)[0] == CUDA12_PIN
-    assert choose("", "", ("2.5.1", True), (12, 8), TESTED)[0] == CUDA12_PIN
+    assert choose("", "", ("2.6.0+cu124", "0.21.0", False), (12, 4), TESTED)[0] == CUDA12_PIN
+    assert choose("", "", ("2.5.1", "0.20.1", True), (12, 8), TESTED)[0] == CUDA12_PIN
     assert choose("", "", None, (13, 0), TESTED)[0] == TESTED
-    assert choose("", "", ("2.14.1", False), None, TESTED)[0] == TESTED  # this CPU machine and CI
-    assert choose("system", "", ("2.6.0", False), None, TESTED)[0] == "system"  # asked for, even without a GPU
+    assert choose("", "", ("2.14.1", "0.29.1", False), None, TESTED)[0] == TESTED  # this CPU machine and CI
+    assert choose("system", "", ("2.6.0", "0.21.0", False), None, TESTED)[0] == "system"  # even without a GPU
 
 
 @pytest.mark.parametrize("pin, recorded", [("system", ""), ("", "system")])
 def test_a_system_torch_that_is_not_there_is_refused(pin, recorded):
-    for found, have in ((None, "no torch with torchvision"), (("2.5.1", True), "torch 2.5.1")):
+    for found, have in ((None, "no torch with torchvision"), (("2.5.1", "0.20.1", True), "torch 2.5.1")):
         with pytest.raises(torch_setup.SetupError, match=f"TORCH_PIN=system, but .* has {have}; install torch >= 2.6"):
             choose(pin, recorded, found, (12, 4), TESTED)
+
+
+def test_a_quoted_system_is_system_and_unbalanced_quotes_are_refused():
+    assert torch_setup.normalized('"system"') == torch_setup.normalized(" system ") == "system"
+    assert torch_setup.normalized(" torch==2.9.1  torchvision==0.24.1 ") == "torch==2.9.1  torchvision==0.24.1"
+    with pytest.raises(torch_setup.SetupError, match="unbalanced quotes"):
+        torch_setup.normalized("torch --index-url 'https://x")
 
 
 def fake_program(tmp_path, name, script):
@@ -52,58 +59,96 @@ def test_it_reads_the_drivers_cuda_from_nvidia_smi_and_the_torch_of_a_python(tmp
     assert torch_setup.driver_cuda() is None  # no nvidia-smi
     fake_program(tmp_path, "nvidia-smi", "echo '| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4     |'")
     assert torch_setup.driver_cuda() == (12, 4)
-    python = fake_program(tmp_path, "python", 'echo "2.6.0+cu124 1"')
-    assert torch_setup.system_torch(str(python)) == ("2.6.0+cu124", True)
-    assert torch_setup.system_torch(sys.executable) == (torch.__version__, torch.cuda.is_available())
+    fake_program(tmp_path, "nvidia-smi", "echo '| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: N/A |'")
+    assert torch_setup.driver_cuda() is None
+    # whatever else importing torch prints on stdout
+    python = fake_program(tmp_path, "python", 'echo "a warning"; echo "torch-setup-probe 2.6.0+cu124 0.21.0+cu124 1"; '
+                                              'echo "a message at exit"')
+    assert torch_setup.probe_torch(str(python)) == KAGGLE_TORCH
+    import torchvision
+    assert torch_setup.probe_torch(sys.executable) == (torch.__version__, torchvision.__version__,
+                                                       torch.cuda.is_available())
     missing = fake_program(tmp_path, "python-without-torch", "echo 'ModuleNotFoundError' >&2; exit 1")
-    assert torch_setup.system_torch(str(missing)) is None
+    assert torch_setup.probe_torch(str(missing)) is None
 
 
-def run_create(tmp_path, monkeypatch, pin, found_torch, cuda=None):
+def run_create(venv, monkeypatch, pin, found_torch, cuda=None, installed=("2.14.1", "0.29.1", False)):
+    """create() with its commands recorded, not run; a command's effect on the venv as `venv` has it."""
     commands = []
-    monkeypatch.setattr(torch_setup.subprocess, "run", lambda cmd, check: commands.append(cmd))
-    monkeypatch.setattr(torch_setup, "system_torch", lambda: found_torch)
+
+    def run(cmd, check):
+        commands.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            if "--clear" in cmd:
+                shutil.rmtree(venv)
+            venv.mkdir(exist_ok=True)
+    monkeypatch.setattr(torch_setup.subprocess, "run", run)
+    monkeypatch.setattr(torch_setup, "probe_torch", lambda python=sys.executable:
+                        found_torch if python == sys.executable else installed)
     monkeypatch.setattr(torch_setup, "driver_cuda", lambda: cuda)
     monkeypatch.setenv("TORCH_PIN", pin)
-    torch_setup.create(tmp_path / "venv", TESTED)
+    torch_setup.create(venv, TESTED)
     return commands
 
 
+def own_torch(venv):
+    (venv / "lib" / "python3.12" / "site-packages" / "torch").mkdir(parents=True, exist_ok=True)
+
+
 def test_it_installs_the_chosen_pair_and_keeps_a_pin_it_was_given_for_the_next_build(tmp_path, monkeypatch):
-    venv, pip = tmp_path / "venv", str(tmp_path / "venv" / "bin" / "pip")
-    assert run_create(tmp_path, monkeypatch, "", None) == [
-        [sys.executable, "-m", "venv", str(venv)], [pip, "--quiet", "install", "torch==2.14.1", "torchvision==0.29.1"]]
+    venv = tmp_path / "venv"
+    pip, make_venv = str(venv / "bin" / "pip"), [sys.executable, "-m", "venv", str(venv)]
+    assert run_create(venv, monkeypatch, "", None) == [make_venv, [pip, "--quiet", "install", *TESTED.split()]]
+    assert (venv / "torch-constraints.txt").read_text() == "torch==2.14.1\ntorchvision==0.29.1\n"
     assert not (venv / ".torch-pin").exists()  # the tested pair is not kept: a new one in the Makefile applies
-    assert run_create(tmp_path, monkeypatch, "", None, cuda=(12, 2))[1] == \
-        [pip, "--quiet", "install", "torch", "torchvision", "--index-url", "https://download.pytorch.org/whl/cu126"]
-    venv.mkdir()
+    own_torch(venv)
+    assert run_create(venv, monkeypatch, "", None) == [make_venv, [pip, "--quiet", "install", *TESTED.split()]]
+    # another choice (here, a CUDA 12 driver's): pip would keep the installed torch, so the venv starts again
+    assert run_create(venv, monkeypatch, "", None, cuda=(12, 2)) == [
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
+        [pip, "--quiet", "install", "torch", "torchvision", "--index-url", "https://download.pytorch.org/whl/cu126"]]
     given = "torch==2.9.1 torchvision==0.24.1 --index-url 'https://download.pytorch.org/whl/cu128'"
-    run_create(tmp_path, monkeypatch, given, None)
+    run_create(venv, monkeypatch, given, None, installed=("2.9.1+cu128", "0.24.1+cu128", False))
     assert (venv / ".torch-pin").read_text() == given + "\n"
+    assert (venv / "torch-constraints.txt").read_text() == "torch==2.9.1+cu128\ntorchvision==0.24.1+cu128\n"
     # a rebuild not told the pin (a later `make train` after a change to the Makefile) installs it again
-    assert run_create(tmp_path, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4))[1] == \
-        [pip, "--quiet", "install", "torch==2.9.1", "torchvision==0.24.1", "--index-url",
-         "https://download.pytorch.org/whl/cu128"]
+    own_torch(venv)
+    assert run_create(venv, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4)) == [make_venv, [
+        pip, "--quiet", "install", "torch==2.9.1", "torchvision==0.24.1", "--index-url",
+        "https://download.pytorch.org/whl/cu128"]]
 
 
 def test_the_system_torch_is_read_through_the_venv_with_no_copy_of_its_own(tmp_path, monkeypatch):
     venv = tmp_path / "venv"
-    assert run_create(tmp_path, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4)) == [
+    assert run_create(venv, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4), installed=KAGGLE_TORCH) == [
         [sys.executable, "-m", "venv", "--system-site-packages", str(venv)]]
-    # an earlier build's torch (and its CUDA libraries) inside the venv would come first on the path
-    (venv / "lib" / "python3.12" / "site-packages" / "torch").mkdir(parents=True)
-    assert run_create(tmp_path, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4)) == [
+    assert (venv / "torch-constraints.txt").read_text() == "torch==2.6.0+cu124\ntorchvision==0.21.0+cu124\n"
+    # a venv built before (no records, its own torch: the tested pair) would put that torch, and its
+    # CUDA libraries, before the system's on the path
+    shutil.rmtree(venv)
+    own_torch(venv)
+    assert run_create(venv, monkeypatch, "", KAGGLE_TORCH, cuda=(12, 4), installed=KAGGLE_TORCH) == [
         [sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(venv)]]
+    # TORCH_PIN=system, cleared and rebuilt without being told again: the pin outlives --clear
+    run_create(venv, monkeypatch, "system", ("2.14.1", "0.29.1", False), installed=("2.14.1", "0.29.1", False))
+    own_torch(venv)
+    (venv / ".torch-from").write_text("torch==2.14.1 torchvision==0.29.1\n")
+    run_create(venv, monkeypatch, "", ("2.14.1", "0.29.1", False), installed=("2.14.1", "0.29.1", False))
+    assert (venv / ".torch-pin").read_text() == "system\n" and (venv / ".torch-from").read_text() == "system\n"
 
 
 def test_a_refused_or_failed_setup_is_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(torch_setup, "system_torch", lambda: None)
+    monkeypatch.setattr(torch_setup, "probe_torch", lambda python=None: None)
     monkeypatch.setattr(torch_setup, "driver_cuda", lambda: None)
     monkeypatch.setenv("TORCH_PIN", "system")
     assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 2
     err = capsys.readouterr().err
     assert err.startswith("make setup: error: TORCH_PIN=system, but ") and err.count("\n") == 1
     monkeypatch.setenv("TORCH_PIN", "torch==0.0.0")
+    monkeypatch.setattr(torch_setup.subprocess, "run", lambda cmd, check: None)
+    assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 2  # pip "installed" it, yet it does not import
+    assert capsys.readouterr().err == (f"make setup: error: {tmp_path / 'venv'}/bin/python cannot import torch and "
+                                       f"torchvision after installing them from 'torch==0.0.0'; see pip's output above\n")
     monkeypatch.setattr(torch_setup.subprocess, "run", lambda cmd, check: (_ for _ in ()).throw(
         subprocess.CalledProcessError(1, cmd)))
     assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 1
@@ -133,11 +178,13 @@ def test_the_extras_match_the_installed_torchs_cuda_and_triton(monkeypatch):
 def test_make_setup_hands_the_pin_of_the_command_line_or_the_environment_to_the_chooser(tmp_path):
     """A CUDA 12 machine's wheels (README, Kaggle-style machines) given either way reach ddpm.torch_setup."""
     log = tmp_path / "log"
-    python = fake_program(tmp_path, "python", f'echo "$*|$TORCH_PIN" >> {log}; exit 1')  # stops make there
+    # one line per argument, then the pin; exit 1 stops make there
+    python = fake_program(tmp_path, "python", f'printf "%s\\n" "$@" "pin=$TORCH_PIN" >> {log}; exit 1')
     pin = "torch torchvision --index-url https://download.pytorch.org/whl/cu126"
     env = {k: v for k, v in os.environ.items() if k != "TORCH_PIN"}
     for args, extra_env in (([], {}), ([f"TORCH_PIN={pin}"], {}), ([], {"TORCH_PIN": pin})):
         subprocess.run(["make", f"VENV={tmp_path / 'venv'}", f"PY={python}", "setup", *args], cwd=ROOT,
                        env={**env, **extra_env}, capture_output=True, timeout=60)
-    assert log.read_text().splitlines() == [f"-m ddpm.torch_setup {tmp_path / 'venv'} {TESTED}|{pin_}"
-                                            for pin_ in ("", pin, pin)]
+    assert log.read_text().splitlines() == [line for pin_ in ("", pin, pin)
+                                            for line in ("-m", "ddpm.torch_setup", str(tmp_path / "venv"), TESTED,
+                                                         f"pin={pin_}")]
