@@ -33,9 +33,10 @@ CUDA12_PIN = "torch torchvision --index-url https://download.pytorch.org/whl/cu1
 PIN_RECORD = ".torch-pin"         # a TORCH_PIN given once
 INSTALLED_RECORD = ".torch-from"  # the choice the venv's torch came from
 CONSTRAINTS = "torch-constraints.txt"
-# a marked line, whatever else importing torch prints
-_PROBE = ("import torch, torchvision; "
-          "print('torch-setup-probe', torch.__version__, torchvision.__version__, int(torch.cuda.is_available()))")
+# a marked line, whatever else importing torch prints; the distributions' versions, which pip
+# matches (PyPI's torch 2.14.1 calls itself 2.14.1+cu130 once imported)
+_PROBE = ("import importlib.metadata as m, torch, torchvision; print('torch-setup-probe', m.version('torch'), "
+          "m.version('torchvision'), int(torch.cuda.is_available()))")
 
 
 class SetupError(Exception):

@@ -65,8 +65,8 @@ def test_it_reads_the_drivers_cuda_from_nvidia_smi_and_the_torch_of_a_python(tmp
     python = fake_program(tmp_path, "python", 'echo "a warning"; echo "torch-setup-probe 2.6.0+cu124 0.21.0+cu124 1"; '
                                               'echo "a message at exit"')
     assert torch_setup.probe_torch(str(python)) == KAGGLE_TORCH
-    import torchvision
-    assert torch_setup.probe_torch(sys.executable) == (torch.__version__, torchvision.__version__,
+    from importlib.metadata import version
+    assert torch_setup.probe_torch(sys.executable) == (version("torch"), version("torchvision"),
                                                        torch.cuda.is_available())
     missing = fake_program(tmp_path, "python-without-torch", "echo 'ModuleNotFoundError' >&2; exit 1")
     assert torch_setup.probe_torch(str(missing)) is None
