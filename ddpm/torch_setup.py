@@ -98,6 +98,10 @@ def choose(pin: str, recorded: str, found_torch: tuple[str, str, bool] | None, c
     return default_pin, "the pair this project is tested with"
 
 
+def constraints(installed: tuple[str, str, bool]) -> str:
+    return f"torch=={installed[0]}\ntorchvision=={installed[1]}\n"
+
+
 def _read(path: Path) -> str:
     return path.read_text().strip() if path.exists() else ""
 
@@ -123,7 +127,7 @@ def create(venv: Path, default_pin: str) -> None:
     if installed is None:
         raise SetupError(f"{venv}/bin/python cannot import torch and torchvision after installing them from "
                          f"'{choice}'; see pip's output above")
-    (venv / CONSTRAINTS).write_text(f"torch=={installed[0]}\ntorchvision=={installed[1]}\n")
+    (venv / CONSTRAINTS).write_text(constraints(installed))
     (venv / INSTALLED_RECORD).write_text(choice + "\n")
     if pin or recorded:  # --clear removed it
         (venv / PIN_RECORD).write_text((pin or recorded) + "\n")

@@ -72,6 +72,15 @@ def test_it_reads_the_drivers_cuda_from_nvidia_smi_and_the_torch_of_a_python(tmp
     assert torch_setup.probe_torch(str(missing)) is None
 
 
+def test_pip_takes_the_constraints_of_the_torch_installed_here(tmp_path):
+    """What create() writes from the probe of this python: pip, offline, finds its torch satisfies them."""
+    file = tmp_path / "constraints.txt"
+    file.write_text(torch_setup.constraints(torch_setup.probe_torch(sys.executable)))
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--dry-run", "--quiet", "-c", str(file),
+                             "torch", "torchvision"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def run_create(venv, monkeypatch, pin, found_torch, cuda=None, installed=("2.14.1", "0.29.1", False)):
     """create() with its commands recorded, not run; a command's effect on the venv as `venv` has it."""
     commands = []
