@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ddpm import config
 
@@ -74,6 +75,10 @@ def test_seed_config_matches_the_seed():
     ("train.seed=99999999999999999999", "train.seed is too large"),
     ("train.out_dir=''", "train.out_dir must name a directory"),
     ("diffusion.timesteps=1000000", "diffusion.timesteps must be at most 100000"),
+    ("diffusion.timesteps=100001", "diffusion.timesteps must be at most 100000"),
+    ("train.steps=9223372036854775808", "train.steps is too large"),  # 2**63
+    ("model.time_embed_dim=0", "model.time_embed_dim must be a positive even number"),
+    ("model.num_heads=0", "model.num_heads=0 must divide"),
     ("sample.num_images=0", "sample.num_images must be >= 1"),
     ("sample.streams=0", "sample.streams must lie in [1, 16]"),
     ("sample.streams=17", "sample.streams must lie in [1, 16]"),
@@ -88,6 +93,25 @@ def test_bad_values_raise_one_clear_line(override, message):
     with pytest.raises(config.ConfigError, match=None) as err:
         config.load("configs/mnist.yaml", [override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["diffusion.timesteps=1", "sample.steps=1"], ["diffusion.timesteps=100000"], ["sample.steps=1000"],
+    ["diffusion.beta_start=0.02"], ["model.base_channels=1", "model.time_hidden_mult=1", "model.time_embed_dim=2"],
+    ["data.image_size=28", "data.resize=bilinear", "model.channel_mults=[1,2,2]", "model.attention_resolutions=[7]"],
+    ["train.steps=1", "train.batch_size=1", "train.log_every=1", "train.checkpoint_every=1"],
+    ["train.lr=1", "train.weight_decay=1", "train.grad_clip=0", "train.warmup_steps=0", "train.ema_decay=0",
+     "train.adam_betas=[0,0]", "train.sample_every=0", "train.eval_every=0", "train.seed=0"],
+    ["train.seed=4294967295", "sample.eta=1", "sample.num_images=1", "sample.streams=16", "model.num_heads=64"],
+    ["sample.eta=0", "sample.streams=1"]], ids=lambda overrides: " ".join(overrides))
+def test_the_edges_of_each_range_are_valid(overrides):
+    """The values next to those test_bad_values_raise_one_clear_line refuses."""
+    cfg = config.load("configs/mnist.yaml", overrides)
+    for override in overrides:
+        key, value = override.split("=")
+        section, name = key.split(".")
+        setting = getattr(getattr(cfg, section), name)
+        assert (list(setting) if isinstance(setting, tuple) else setting) == yaml.safe_load(value)
 
 
 @pytest.mark.parametrize("key", list(config.CHOICES))
