@@ -26,6 +26,11 @@ def test_seed_config_matches_the_seed():
     cfg = config.load("configs/mnist.yaml")
     assert (cfg.train.batch_size, cfg.train.lr, cfg.train.steps) == (64, 1e-4, 37_500)
     assert (cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end) == (1000, 1e-4, 0.02)
+    # the seed (shared/seed/FACTS.md): plain Adam, no gradient clipping, no warm-up; no scoring during training
+    tr, s = cfg.train, cfg.sample
+    assert (tr.weight_decay, tr.grad_clip, tr.warmup_steps, tr.eval_every) == (0, 0, 0, 0)
+    # sampling: DDIM's documented defaults, one stream, a grid of 64
+    assert (s.steps, s.eta, s.streams, s.num_images) == (50, 0, 1, 64)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -46,7 +51,7 @@ def test_seed_config_matches_the_seed():
     ("data.image_size=30", "data.image_size must be a positive multiple of 4 (the UNet halves it 2 times), got 30"),
     ("model.kernels=cuda", "model.kernels must be one of"),
     ("model.channel_mults=5", "model.channel_mults must be a list"),
-    ("model.num_heads=3", "model.num_heads=3 must divide"),
+    ("model.num_heads=3", "model.num_heads=3 must divide every level's width [64, 128, 256]"),
     ("train.steps", "is not key=value"),
     ("train.lr=inf", "train.lr must be a finite number"),
     ("sample.eta=.nan", "sample.eta must be a finite number"),
@@ -108,7 +113,7 @@ def test_bad_values_raise_one_clear_line(override, message):
     ["train.lr=1", "train.weight_decay=1", "train.grad_clip=0", "train.warmup_steps=0", "train.ema_decay=0",
      "train.adam_betas=[0,0]", "train.sample_every=0", "train.eval_every=0", "train.seed=0"],
     ["train.seed=4294967295", "sample.eta=1", "sample.num_images=1", "sample.streams=16", "model.num_heads=64"],
-    ["sample.eta=0", "sample.streams=1"]], ids=lambda overrides: " ".join(overrides))
+    ["sample.eta=0", "sample.streams=1"], ["model.channel_mults=[1,2,2,2]"]], ids=lambda overrides: " ".join(overrides))
 def test_the_edges_of_each_range_are_valid(overrides):
     """The values next to those test_bad_values_raise_one_clear_line refuses."""
     cfg = config.load("configs/mnist.yaml", overrides)
@@ -117,6 +122,13 @@ def test_the_edges_of_each_range_are_valid(overrides):
         section, name = key.split(".")
         setting = getattr(getattr(cfg, section), name)
         assert (list(setting) if isinstance(setting, tuple) else setting) == yaml.safe_load(value)
+
+
+def test_a_key_left_out_takes_the_seeds_value():
+    """The dataclasses' defaults are configs/mnist.yaml's settings, every one."""
+    defaults, seed = config.Config(), config.load("configs/mnist.yaml")
+    assert config.diff(defaults, seed) == [] and defaults.to_dict() == seed.to_dict()
+    assert config.load(Path("configs/ci.yaml")).model.channel_mults == [1, 2, 2]  # and ci.yaml's keys win
 
 
 @pytest.mark.parametrize("key", list(config.CHOICES))
