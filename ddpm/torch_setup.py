@@ -20,6 +20,8 @@ Makefile's later pip commands, so that no other requirement replaces them.
 DALI build for its CUDA, and numpy < 2.4 beside a Triton older than 3.8, whose interpreter (the
 tests' Triton) fails on numpy 2.4 (3.2 and 3.6 do; 3.8 does not).
 """
+from __future__ import annotations  # so that an older python3 reaches main()'s version check
+
 import glob
 import os
 import re
@@ -146,6 +148,10 @@ def extras() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    if sys.version_info < (3, 10):
+        print(f"make setup: error: {sys.executable} is Python {sys.version.split()[0]}; this project needs 3.10 or "
+              f"newer: give make one, e.g. make PY=python3.11 ...", file=sys.stderr)
+        return 2
     if argv == ["--extras"]:
         print(" ".join(extras()))
         return 0

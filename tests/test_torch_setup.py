@@ -164,6 +164,10 @@ def test_a_refused_or_failed_setup_is_one_line_and_a_nonzero_exit(tmp_path, monk
     assert capsys.readouterr().err == \
         f"make setup: error: {sys.executable} -m venv {tmp_path / 'venv'} failed (exit status 1); see its output above\n"
     assert torch_setup.main([]) == 2
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "version_info", (3, 9, 18))
+    assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 2
+    assert capsys.readouterr().err.startswith(f"make setup: error: {sys.executable} is Python ")
 
 
 def test_the_extras_match_the_installed_torchs_cuda_and_triton(monkeypatch):
