@@ -59,6 +59,10 @@ def test_bad_magic_and_bad_gzip_are_reported(idx_dir):
     (directory / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x09\x03" + b"\x00" * 20))
     with pytest.raises(data.DataError, match="bad magic number"):
         data.load_digits(cfg_for(directory))
+    # the right magic, then less than the 3 dimensions' sizes it promises
+    (directory / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 11))
+    with pytest.raises(data.DataError, match="not an IDX file of 3-d unsigned bytes"):
+        data.load_digits(cfg_for(directory))
     (directory / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(data.DataError, match="is corrupt"):
         data.load_digits(cfg_for(directory))
@@ -222,9 +226,16 @@ def test_fashion_mnist_never_falls_back_to_the_mnist_subset(tmp_path, monkeypatc
     monkeypatch.setattr(data, "load_torchvision", offline)
     monkeypatch.setattr(data, "DEBIAN_FASHION_DIR", tmp_path / "no-debian-package")
     fashion = config.load(None, ["data.dataset=fashion_mnist", "data.source=auto", f"data.dir={tmp_path}"]).data
-    with pytest.raises(data.DataError, match="could not download fashion_mnist .*no network.*: put its IDX files in"):
+    with pytest.raises(data.DataError, match="could not download fashion_mnist .*no network.*: put its IDX files in "
+                                             ".* or apt-get install dataset-fashion-mnist$"):
         data.load_digits(fashion)
     assert "offline subset" not in capsys.readouterr().err
+    # the Debian package is Fashion-MNIST's: MNIST's errors do not name it
+    for dataset, source in (("fashion_mnist", "idx"), ("mnist", "idx"), ("mnist", "torchvision")):
+        cfg = config.load(None, [f"data.dataset={dataset}", f"data.source={source}", f"data.dir={tmp_path}"]).data
+        with pytest.raises(data.DataError) as err:
+            data.load_digits(cfg)
+        assert ("apt-get install dataset-fashion-mnist" in str(err.value)) == (dataset == "fashion_mnist")
 
 
 @pytest.mark.parametrize("kind", ["resident", "dataloader"])
