@@ -131,7 +131,7 @@ def test_compiled_artifacts_are_cached_per_version_of_the_kernels(monkeypatch, t
     shutil.copytree(Path(runtime.__file__).resolve().parents[1] / "kernels", kernels,
                     ignore=shutil.ignore_patterns("__pycache__"))
     before = runtime.kernels_fingerprint(kernels)
-    assert runtime.kernels_fingerprint(kernels) == before
+    assert runtime.kernels_fingerprint(kernels) == before == runtime.kernels_fingerprint()  # the default: kernels/
     (kernels / "attention.py").write_text((kernels / "attention.py").read_text() + "\n# changed\n")
     assert runtime.kernels_fingerprint(kernels) != before
 
@@ -143,3 +143,24 @@ def test_compiled_artifacts_are_cached_per_version_of_the_kernels(monkeypatch, t
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a user's own stays
     runtime.compile_model(lambda x: x, "default", torch.device("cpu"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_compile_model_is_one_graph_with_static_shapes(monkeypatch, tmp_path):
+    """A graph break is an error, not a silent split; a second batch size gets its own static graph."""
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+
+    def breaks(x):
+        torch._dynamo.graph_break()
+        return x + 1
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        runtime.compile_model(breaks, "default", torch.device("cpu"))(torch.ones(2))
+    from torch._dynamo.utils import counters
+    counters.clear()
+    double = runtime.compile_model(lambda x: x * 2, "default", torch.device("cpu"))
+    for n in (2, 3):
+        double(torch.ones(n))
+    # static: a graph per size (dynamic=True compiles one symbolic graph for both)
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
