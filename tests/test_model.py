@@ -19,11 +19,15 @@ def test_seed_structure():
     assert [(b.conv1.in_channels, b.conv2.out_channels) for b in net.decoder] == [(256, 64), (128, 64)]
     assert net.encoder[0].norm1.num_groups == 1 and net.mid1.norm2.num_groups == 8
     assert [(d.kernel_size, d.stride) for d in net.down] == [((4, 4), (2, 2))] * 2
+    # a checkpoint holds the parameters alone: the embedding's frequencies are made, not loaded
+    assert set(net.state_dict()) == {name for name, _ in net.named_parameters()}
 
 
 @pytest.mark.parametrize("overrides, image_size", [
     ([], 32),
     (["model.channel_mults=[1,2,2,2]", "model.attention_resolutions=[16,4]", "model.num_heads=4"], 32),
+    # attention after every decoder level (each its own width)
+    (["model.channel_mults=[1,2,2,2]", "model.attention_resolutions=[32,16,8]"], 32),
     (["model.base_channels=16", "model.time_embed_dim=32", "data.image_size=28", "model.attention_resolutions=[7]"], 28),
 ])
 def test_output_shape_matches_input(overrides, image_size):
