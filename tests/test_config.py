@@ -20,6 +20,7 @@ def test_overrides_are_typed_and_nested():
     # a text setting takes the text as typed (YAML would read 2024 as a number, yes as true), less quotes
     texts = config.load("configs/mnist.yaml", ["train.out_dir=2024", "data.dir= yes ", "sample.cuda_graph='enabled'"])
     assert (texts.train.out_dir, texts.data.dir, texts.sample.cuda_graph) == ("2024", "yes", "enabled")
+    assert config.load("configs/mnist.yaml", ["train.out_dir=runs/lr=1e-3"]).train.out_dir == "runs/lr=1e-3"
 
 
 def test_seed_config_matches_the_seed():
@@ -191,6 +192,8 @@ def test_round_trip_through_yaml(tmp_path):
     cfg = config.load("configs/demo.yaml", ["train.seed=3"])
     config.save(cfg, tmp_path / "c.yaml")
     assert config.diff(config.load(tmp_path / "c.yaml"), cfg) == []
+    # a checkpoint's config, as a dict
+    assert config.diff(config.from_dict(cfg.to_dict()), cfg) == [] and config.diff(cfg, config.Config()) != []
 
 
 def test_clip_keeps_whole_sentences_or_words():
