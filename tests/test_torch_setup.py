@@ -147,6 +147,7 @@ def test_the_system_torch_is_read_through_the_venv_with_no_copy_of_its_own(tmp_p
 
 
 def test_a_refused_or_failed_setup_is_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)  # as the system python (the tests run in .venv)
     monkeypatch.setattr(torch_setup, "probe_torch", lambda python=None: None)
     monkeypatch.setattr(torch_setup, "driver_cuda", lambda: None)
     monkeypatch.setenv("TORCH_PIN", "system")
@@ -154,20 +155,50 @@ def test_a_refused_or_failed_setup_is_one_line_and_a_nonzero_exit(tmp_path, monk
     err = capsys.readouterr().err
     assert err.startswith("make setup: error: TORCH_PIN=system, but ") and err.count("\n") == 1
     monkeypatch.setenv("TORCH_PIN", "torch==0.0.0")
-    monkeypatch.setattr(torch_setup.subprocess, "run", lambda cmd, check: None)
+    monkeypatch.setattr(torch_setup.subprocess, "run", lambda cmd, check: (tmp_path / "venv").mkdir(exist_ok=True))
     assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 2  # pip "installed" it, yet it does not import
     assert capsys.readouterr().err == (f"make setup: error: {tmp_path / 'venv'}/bin/python cannot import torch and "
                                        f"torchvision after installing them from 'torch==0.0.0'; see pip's output above\n")
-    monkeypatch.setattr(torch_setup.subprocess, "run", lambda cmd, check: (_ for _ in ()).throw(
-        subprocess.CalledProcessError(1, cmd)))
+    def fails(cmd, check):
+        if "venv" in cmd or "install" in cmd:
+            raise subprocess.CalledProcessError(1, cmd)
+    monkeypatch.setattr(torch_setup.subprocess, "run", fails)
     assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 1
     assert capsys.readouterr().err == \
         f"make setup: error: {sys.executable} -m venv {tmp_path / 'venv'} failed (exit status 1); see its output above\n"
+    # pip failing (or stopped) after the venv was made: the next run knows what that venv's torch came from
+    monkeypatch.setattr(torch_setup.subprocess, "run", lambda cmd, check: fails(cmd, check) if "install" in cmd else None)
+    monkeypatch.setenv("TORCH_PIN", CUDA12_PIN)
+    assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 1
+    assert (tmp_path / "venv" / ".torch-from").read_text() == (tmp_path / "venv" / ".torch-pin").read_text() == \
+        CUDA12_PIN + "\n"
     assert torch_setup.main([]) == 2
     capsys.readouterr()
     monkeypatch.setattr(sys, "version_info", (3, 9, 18))
     assert torch_setup.main([str(tmp_path / "venv"), TESTED]) == 2
     assert capsys.readouterr().err.startswith(f"make setup: error: {sys.executable} is Python ")
+
+
+def test_inside_a_venv_it_runs_as_the_base_python(tmp_path, monkeypatch, capsys):
+    """An activated .venv: its torch is not the system's, and a venv made from it would read the base
+    python's packages, not its own."""
+    calls = []
+    monkeypatch.setattr(torch_setup.os, "execv", lambda path, args: calls.append((path, args)))
+    monkeypatch.setattr(torch_setup, "create", lambda venv, pin: None)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.setattr(sys, "_base_executable", "/usr/bin/python3", raising=False)
+    torch_setup.main(["venv", TESTED])
+    assert calls == [("/usr/bin/python3", ["/usr/bin/python3", "-m", "ddpm.torch_setup", "venv", TESTED])]
+    monkeypatch.setattr(sys, "_base_executable", sys.executable)
+    assert torch_setup.main(["venv", TESTED]) == 2
+    assert "runs in a virtual environment" in capsys.readouterr().err and len(calls) == 1
+
+
+def test_the_extras_go_into_a_file_whatever_importing_torch_prints(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch_setup, "extras", lambda: print("a warning") or ["nvidia-dali-cuda120", "numpy<2.4"])
+    assert torch_setup.main(["--extras", str(tmp_path / "extras.txt")]) == 0
+    assert (tmp_path / "extras.txt").read_text() == "nvidia-dali-cuda120\nnumpy<2.4\n"
 
 
 def test_the_extras_match_the_installed_torchs_cuda_and_triton(monkeypatch):
@@ -185,6 +216,9 @@ def test_the_extras_match_the_installed_torchs_cuda_and_triton(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.8.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.1")
     assert torch_setup.extras() == ["nvidia-dali-cuda130"]
+    monkeypatch.setitem(sys.modules, "triton", None)  # a torch without Triton (PyTorch's CPU wheels)
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    assert torch_setup.extras() == ["nvidia-dali-cuda120"]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make here (the GPU check runs pytest alone)")
@@ -201,3 +235,19 @@ def test_make_setup_hands_the_pin_of_the_command_line_or_the_environment_to_the_
     assert log.read_text().splitlines() == [line for pin_ in ("", pin, pin)
                                             for line in ("-m", "ddpm.torch_setup", str(tmp_path / "venv"), TESTED,
                                                          f"pin={pin_}")]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make here (the GPU check runs pytest alone)")
+def test_a_new_torch_pin_rebuilds_a_venv_that_is_up_to_date(tmp_path):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".torch-pin").write_text(CUDA12_PIN + "\n")
+    (venv / ".installed").touch()
+
+    def rebuilds(*args):
+        result = subprocess.run(["make", "-n", f"VENV={venv}", "setup", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "TORCH_PIN"})
+        assert result.returncode == 0, result.stderr
+        return "ddpm.torch_setup" in result.stdout
+    assert not rebuilds() and not rebuilds(f"TORCH_PIN={CUDA12_PIN}")  # the pin it keeps
+    assert rebuilds("TORCH_PIN=system")
