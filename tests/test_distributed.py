@@ -159,7 +159,13 @@ def test_rank_0s_error_is_said_on_every_node(tmp_path):
     assert [node.returncode for node in nodes] == [2, 2]
     error = (f"train.out_dir {tmp_path / 'file' / 'run'} cannot be a run dir: {tmp_path / 'file'} is a file; "
              "choose another train.out_dir")
-    assert sorted(said) == [f"train.py: error: rank 0: {error}", f"train.py: error: {error}"], said
+    assert sorted(lines.splitlines()[0] for lines in said) == \
+        [f"train.py: error: rank 0: {error}", f"train.py: error: {error}"], said
+    # After it, the other node may log torch's own warnings about the rendezvous host gone before it
+    # shut down (c10d's TCPStore, dynamic_rendezvous), as the timing falls; not torchrun's traceback
+    # or failure table
+    for lines in said:
+        assert not any(noise in lines for noise in ("Traceback", "ChildFailedError", "Root Cause")), lines
 
 
 def test_a_diverged_run_is_one_line_and_ends_at_once(tmp_path):
