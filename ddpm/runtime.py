@@ -26,7 +26,7 @@ def unusable_gpu_note() -> str | None:
         driver = "version unknown"
     return (f"this machine has an NVIDIA GPU (driver {driver}) that torch {torch.__version__} "
             f"(CUDA {torch.version.cuda or 'none: a CPU build'}) cannot use; install the torch wheels for the "
-            f"driver's CUDA version (README: 'Kaggle-style 2xT4 machines')")
+            f"driver's CUDA version (make setup TORCH_PIN=...; README: 'Kaggle-style 2xT4 machines')")
 
 
 def resolve_device(name: str) -> torch.device:
