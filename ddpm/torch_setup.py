@@ -92,7 +92,7 @@ def choose(pin: str, recorded: str, found_torch: tuple[str, str, bool] | None, c
     if pin:
         return pin, "TORCH_PIN"
     if recorded:
-        return recorded, f"the TORCH_PIN this venv was built with, kept in its {PIN_RECORD} (delete it to forget it)"
+        return recorded, f"the TORCH_PIN this venv was built with, kept in its {PIN_RECORD} (delete it and .installed to forget it)"
     if usable and found_torch[2]:
         return "system", f"{sys.executable}'s torch {found_torch[0]} sees the GPU"
     if cuda is not None and cuda[0] == 12:

@@ -424,8 +424,8 @@ def test_the_training_loop_reads_the_device_only_when_it_logs(tmp_path, monkeypa
     assert checked == [4, 6, 7, 8, 9, 11]
 
 
-def graphed_losses(cfg, images, steps=8, ddp=False, with_trainer=False):
-    """The losses of `steps` training steps compiled with reduce-overhead, which inductor must have
+def graphed_losses(cfg, images, steps=8, ddp=False):
+    """The losses (and the trainer) of `steps` training steps compiled with reduce-overhead, which inductor must have
     run from CUDA graphs: it falls back to plain compiled code where it cannot capture (a CPU
     tensor, a mutated input), counting a skip, and the losses would match all the same."""
     from torch._dynamo.utils import counters
@@ -434,7 +434,7 @@ def graphed_losses(cfg, images, steps=8, ddp=False, with_trainer=False):
     assert isinstance(trainer.forward, torch.nn.parallel.DistributedDataParallel) == ddp
     losses = torch.stack([trainer.step(step) for step in range(steps)])
     assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs"
-    return (losses, trainer) if with_trainer else losses
+    return losses, trainer
 
 
 @on_cuda
@@ -455,8 +455,7 @@ def test_cuda_graphed_training_takes_the_eager_steps(eager_stack, graphed_stack,
 
     trainer = Trainer(cfg(["train.compile=none", *eager_stack]), torch.device("cuda"), images)
     eager = torch.stack([trainer.step(step) for step in range(8)])
-    graphed, graphed_trainer = graphed_losses(cfg(["train.compile=reduce-overhead", *graphed_stack]), images,
-                                              with_trainer=True)
+    graphed, graphed_trainer = graphed_losses(cfg(["train.compile=reduce-overhead", *graphed_stack]), images)
     torch.testing.assert_close(graphed[0], eager[0], rtol=first_rtol, atol=0)
     torch.testing.assert_close(graphed, eager, rtol=rtol, atol=0)
     assert graphed_trainer.scaler.get_scale() == trainer.scaler.get_scale()
@@ -474,9 +473,9 @@ def test_ddp_around_the_cuda_graphed_unet_takes_its_steps(stack, first_rtol):
     images = sixty_four_digits()
 
     cfg = config.load("configs/ci.yaml", ["train.device=cuda", *stack])
-    alone = graphed_losses(cfg, images)
+    alone, _ = graphed_losses(cfg, images)
     with distributed.solo_group(torch.device("cuda")):
-        wrapped = graphed_losses(cfg, images, ddp=True)
+        wrapped, _ = graphed_losses(cfg, images, ddp=True)
     torch.testing.assert_close(wrapped[0], alone[0], rtol=first_rtol, atol=0)
     torch.testing.assert_close(wrapped, alone, rtol=1e-2, atol=0)
 
