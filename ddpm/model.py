@@ -62,20 +62,33 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, channels: int, num_heads: int, norm_backend: str, attention_backend: str):
+    """Over a resolution x resolution feature map. Beyond the Triton kernel's limits
+    (kernels/attention.py) `auto` (TRITON_FOR_16BIT) runs torch's, and an explicit `triton` is
+    refused when the UNet is built."""
+
+    def __init__(self, channels: int, num_heads: int, resolution: int, norm_backend: str, attention_backend: str):
         super().__init__()
         self.norm = GroupNormAct(channels, activation=False, backend=norm_backend)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         self.num_heads = num_heads
+        if attention_backend in ("triton", TRITON_FOR_16BIT):
+            from kernels.attention import MAX_BATCH_HEADS, beyond_limits
+            reason = beyond_limits(1, channels, resolution ** 2, num_heads)
+            if reason and attention_backend == "triton":
+                raise UserError(f"model.attention=triton cannot run the attention at {resolution}x{resolution} "
+                                f"({channels} channels, {num_heads} heads): {reason}; use model.attention=auto or torch")
+            attention_backend = "torch" if reason else attention_backend
+            self.max_triton_batch = MAX_BATCH_HEADS // num_heads
         self.backend = attention_backend
 
     def forward(self, x):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).view(b, 3 * c, h * w)
         backend = self.backend
-        if backend == TRITON_FOR_16BIT:  # the dtype is fixed when compiled: no branch is left at run time
-            backend = "triton" if qkv.dtype in (torch.float16, torch.bfloat16) else "torch"
+        if backend == TRITON_FOR_16BIT:  # dtype and batch are fixed when compiled: no branch is left at run time
+            fits = qkv.dtype in (torch.float16, torch.bfloat16) and b <= self.max_triton_batch
+            backend = "triton" if fits else "torch"
         out = kernels.attention_core(qkv, self.num_heads, backend)
         return x + self.proj(out.view(b, c, h, w))
 
@@ -106,7 +119,7 @@ class UNet(nn.Module):
 
         def attention(channels, resolution):
             if resolution in attention_resolutions:
-                return SelfAttention(channels, num_heads, norm_backend, attention_backend)
+                return SelfAttention(channels, num_heads, resolution, norm_backend, attention_backend)
             return nn.Identity()
 
         self.encoder, self.encoder_attn, self.down = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()

@@ -164,6 +164,36 @@ def test_attention_auto_on_ampere_and_later_picks_by_input_dtype(monkeypatch, dt
     calls = []
     monkeypatch.setattr(model.kernels, "attention_core", lambda qkv, heads, backend: (
         calls.append((qkv.dtype, backend)), qkv[:, : qkv.shape[1] // 3])[1])
-    attn = model.SelfAttention(8, 1, "torch", model.TRITON_FOR_16BIT).to(dtype)
+    attn = model.SelfAttention(8, 1, 4, "torch", model.TRITON_FOR_16BIT).to(dtype)
     attn(torch.randn(2, 8, 4, 4, dtype=dtype))
     assert calls == [(dtype, expected)]
+
+
+def test_attention_beyond_the_triton_kernels_limits(monkeypatch):
+    """auto (TRITON_FOR_16BIT) runs torch's attention where the kernel refuses the shape (more than
+    256 tokens, a head dim over 256, or more than 65535 samples x heads); an explicit triton is a
+    one-line error when the UNet is built, not a kernel's RuntimeError mid-run."""
+    from kernels.attention import beyond_limits
+    assert beyond_limits(2, 512, 64, 2) is None and beyond_limits(65535, 8, 256, 1) is None
+    assert "head dim 512 > 256" in beyond_limits(2, 512, 64, 1)
+    assert "sequence length 1024 > 256" in beyond_limits(2, 8, 1024, 1)
+    assert "batch x heads 65536 > 65535" in beyond_limits(32768, 8, 64, 2)
+    calls = []
+    monkeypatch.setattr(model.kernels, "attention_core", lambda qkv, heads, backend: (
+        calls.append(backend), qkv[:, : qkv.shape[1] // 3])[1])
+    x = torch.randn(2, 8, 32, 32, dtype=torch.bfloat16)
+    model.SelfAttention(8, 1, 32, "torch", model.TRITON_FOR_16BIT).to(torch.bfloat16)(x)
+    model.SelfAttention(8, 1, 16, "torch", model.TRITON_FOR_16BIT).to(torch.bfloat16)(x[:, :, :16, :16])
+    assert calls == ["torch", "triton"]
+    wide = model.SelfAttention(512, 2, 8, "torch", model.TRITON_FOR_16BIT)
+    assert wide.backend == model.TRITON_FOR_16BIT and wide.max_triton_batch == 32767
+    assert model.SelfAttention(512, 1, 8, "torch", model.TRITON_FOR_16BIT).backend == "torch"
+    calls.clear()
+    monkeypatch.setattr(wide, "max_triton_batch", 1)  # as 65536 samples of 1 head would be
+    wide.to(torch.bfloat16)(torch.randn(2, 512, 2, 2, dtype=torch.bfloat16))
+    assert calls == ["torch"]
+    for change, reason in (("model.attention_resolutions=[32]", "sequence length 1024 > 256"),
+                           ("model.base_channels=128", "head dim 512 > 256")):
+        cfg = config.load("configs/mnist.yaml", ["model.attention=triton", change])
+        with pytest.raises(config.UserError, match=f"model.attention=triton cannot run the attention .*{reason}"):
+            model.build(cfg)
