@@ -101,6 +101,7 @@ class TrainConfig:
     grad_clip: float = 0.0     # max gradient norm; 0 disables (the seed)
     warmup_steps: int = 0
     ema_decay: float = 0.9999
+    ema_warmup: bool = True    # decay of update k: min(ema_decay, (1 + k) / (10 + k)); false: ema_decay throughout
     seed: int = 0
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     # The fast path: auto = bf16 (fp16 + GradScaler on a T4) and torch.compile on CUDA (with CUDA graphs,

@@ -127,19 +127,30 @@ class EMA(AveragedModel):
     """torch's AveragedModel with its EMA rule (get_ema_multi_avg_fn), updated without waiting for
     the GPU: AveragedModel.update_parameters copies its host-side step count to the device every
     call, a blocking copy per training step. Buffers (the sinusoid frequencies) are copied, never
-    averaged (use_buffers=False)."""
+    averaged (use_buffers=False).
 
-    def __init__(self, net: torch.nn.Module, decay: float):
+    warmup: update k (k = 1, 2, ... after the copy of the first weights) decays by
+    min(decay, (1 + k) / (10 + k)), TensorFlow's ExponentialMovingAverage with num_updates, so that
+    the average forgets the first steps' weights: at 0.9999 without it, 82% of the average is
+    still the first step's weights after 2,000 steps, and 2.4% after the seed's 37,500."""
+
+    def __init__(self, net: torch.nn.Module, decay: float, warmup: bool = True):
         super().__init__(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+        self.decay, self.warmup = decay, warmup
+
+    def decay_of_update(self, k: int) -> float:
+        return min(self.decay, (1 + k) / (10 + k)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
         averaged = [p.detach() for p in self.module.parameters()]
         current = [p.detach() for p in model.parameters()]
-        if self.n_averaged == 0:  # a CPU tensor: no device sync
+        k = int(self.n_averaged)  # a CPU tensor: no device sync
+        if k == 0:
             torch._foreach_copy_(averaged, current)
-        else:
-            self.multi_avg_fn(averaged, current, self.n_averaged)  # the EMA rule ignores the count
+        else:  # the EMA rule ignores its third argument, the count
+            update = get_ema_multi_avg_fn(self.decay_of_update(k)) if self.warmup else self.multi_avg_fn
+            update(averaged, current, self.n_averaged)
         for mine, theirs in zip(self.module.buffers(), model.buffers()):
             mine.copy_(theirs)
         self.n_averaged += 1
@@ -163,7 +174,7 @@ class Trainer:
         graphed = compile_mode == "reduce-overhead"
         self.net = model_lib.build(cfg, self.device, graphed)
         model_lib.check_runs_on(self.net, self.device)
-        self.ema = EMA(self.net, t.ema_decay)
+        self.ema = EMA(self.net, t.ema_decay, t.ema_warmup)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                     weight_decay=t.weight_decay, fused=self.device.type == "cuda")
         warmup = max(t.warmup_steps, 1)

@@ -310,21 +310,54 @@ def test_compiled_sampling_step_freezes_its_weights_and_a_new_step_sees_changed_
     torch.testing.assert_close(sample(built_after), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_ema_matches_torchs_averaged_model():
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_matches_torchs_averaged_model(warmup):
+    """Without warm-up, torch's AveragedModel with its EMA rule; with it, the same rule at each
+    update's own decay, min(decay, (1 + k) / (10 + k)) (here 0.1 is the smaller until k = 0)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from ddpm.train import EMA
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
-    ours, torchs = EMA(net, 0.9), AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
-    for _ in range(4):
+    ours, torchs = EMA(net, 0.9, warmup), AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    expected = [p.detach().clone() for p in net.parameters()]
+    for k in range(4):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
         ours.update_parameters(net)
         torchs.update_parameters(net)
-    for a, b in zip(ours.module.parameters(), torchs.module.parameters()):
-        torch.testing.assert_close(a, b)
+        decay = min(0.9, (1 + k) / (10 + k)) if warmup else 0.9
+        expected = [p.detach().clone() if k == 0 else decay * e + (1 - decay) * p.detach()
+                    for e, p in zip(expected, net.parameters())]
+    for a, b, c in zip(ours.module.parameters(), torchs.module.parameters(), expected):
+        torch.testing.assert_close(a, c)
+        if warmup:
+            assert (a - b).abs().max() > 0.1  # the warm-up weighs the last updates more
+        else:
+            torch.testing.assert_close(a, b)
     assert ours.n_averaged == torchs.n_averaged == 4
+
+
+def test_ema_warmup_forgets_the_first_weights():
+    """The seed config's decay, 0.9999, over 2,000 updates: without warm-up 82% of the average is
+    still the first update's weights; with it, under 0.6%. After 200,000 updates both are the plain rule."""
+    from ddpm.train import EMA
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    share = {}
+    for warmup in (False, True):
+        ema = EMA(net, 0.9999, warmup)
+        ema.update_parameters(net)  # copies the first weights, 1
+        with torch.no_grad():
+            net.weight.zero_()  # every later one is 0: the average is the first weights' share
+        for _ in range(1999):
+            ema.update_parameters(net)
+        net.weight.data.fill_(1.0)
+        share[warmup] = ema.module.weight.item()
+        assert ema.decay_of_update(200_000) == 0.9999
+    assert share[False] == pytest.approx(0.9999 ** 1999, rel=1e-3) and share[False] > 0.8
+    assert share[True] < 0.006
 
 
 def test_ema_copies_buffers_instead_of_averaging_them():

@@ -596,8 +596,10 @@ def test_the_training_step_runs_the_unet_in_its_precision(tmp_path, precision, d
     assert trainer.scaler.is_enabled() == (precision == "fp16")  # loss scaling for fp16 alone
 
 
-def test_each_step_moves_the_ema_weights_by_its_decay(tmp_path):
-    trainer = _trainer(tmp_path, "train.ema_decay=0.9")
+@pytest.mark.parametrize("warmup, decay", [("false", 0.9), ("true", 2 / 11)])
+def test_each_step_moves_the_ema_weights_by_its_decay(tmp_path, warmup, decay):
+    """The second update's decay: train.ema_decay, or with the warm-up (the default) (1 + 1) / (10 + 1)."""
+    trainer = _trainer(tmp_path, "train.ema_decay=0.9", f"train.ema_warmup={warmup}")
     ema = dict(trainer.ema.module.named_parameters())
     trainer.step(0)
     first = {name: p.detach().clone() for name, p in trainer.net.named_parameters()}
@@ -606,7 +608,7 @@ def test_each_step_moves_the_ema_weights_by_its_decay(tmp_path):
     trainer.step(1)
     moved = 0
     for name, p in trainer.net.named_parameters():
-        torch.testing.assert_close(ema[name], 0.9 * first[name] + 0.1 * p.detach(), msg=name)
+        torch.testing.assert_close(ema[name], decay * first[name] + (1 - decay) * p.detach(), msg=name)
         moved += not torch.equal(p, first[name])
     assert moved > 0
 
