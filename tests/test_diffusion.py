@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from ddpm import config, model
@@ -255,3 +258,43 @@ def test_a_config_names_its_samplers_plan():
         assert all(torch.equal(a, b) for a, b in zip(fields(got), fields(want)))
     assert (plan_of("sample.sampler=ddim", "sample.steps=20", "sample.eta=0.5").sigma[:-1] > 0).all()
     assert not torch.equal(d.ddpm_plan("posterior").sigma, d.ddpm_plan("beta").sigma)
+
+
+@pytest.mark.parametrize("sampler, eta, steps", [("ddpm", None, "beta"), ("ddpm", None, "posterior"),
+                                                 ("ddim", 0.0, 1000), ("ddim", 0.0, 10), ("ddim", 1.0, 50)])
+def test_the_samplers_with_the_exact_noise_predictor_reach_gaussian_data(sampler, eta, steps):
+    """Whole chains, not single steps: for data x0 ~ N(m, s^2) the ideal model is known in closed form,
+    E[eps | x_t] = sqrt(1 - abar)(x_t - sqrt(abar) m) / (abar s^2 + 1 - abar). DDPM (either variance)
+    and DDIM over all 1000 steps must return the data's mean and spread; short DDIM chains shrink
+    the spread (0.098 for 10 steps), exactly as Song et al.'s update (eq. 12 with sigma of eq. 16),
+    applied here to the mean and variance in float64, says."""
+    d, (m, s) = Diffusion(), (0.3, 0.2)
+    abar = d.schedule64["alphas_cumprod"]
+
+    def ideal(x, t):
+        a = abar[t].view(-1, 1, 1, 1).float()
+        return (1 - a).sqrt() * (x - a.sqrt() * m) / (a * s * s + 1 - a)
+
+    plan = d.ddpm_plan(steps) if sampler == "ddpm" else d.ddim_plan(steps, eta)
+    x, _ = d.sample(ideal, (5000, 1, 2, 2), plan, clip_x0=sampler == "ddpm",
+                    generator=torch.Generator().manual_seed(0))
+    mean, std = (m, s)
+    if sampler == "ddim":  # the chain's own Gaussian: each step is affine in x_t, plus noise
+        mean, var, ts = 0.0, 1.0, [round(999 - i * 999 / (steps - 1)) for i in range(steps)]
+        for t, t_prev in zip(ts, ts[1:] + [None]):
+            a, a_prev = abar[t].item(), 1.0 if t_prev is None else abar[t_prev].item()
+            sigma2 = eta ** 2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+            k = math.sqrt(1 - a) / (a * s * s + 1 - a)  # eps = k (x_t - sqrt(a) m)
+            x0_gain, x0_shift = (1 - math.sqrt(1 - a) * k) / math.sqrt(a), math.sqrt(1 - a) * k * m
+            eps_gain, eps_shift = k, -k * math.sqrt(a) * m
+            direction = math.sqrt(1 - a_prev - sigma2)
+            gain = math.sqrt(a_prev) * x0_gain + direction * eps_gain
+            shift = math.sqrt(a_prev) * x0_shift + direction * eps_shift
+            mean, var = gain * mean + shift, gain ** 2 * var + sigma2
+        std = math.sqrt(var)
+        if steps == 1000:
+            assert abs(mean - m) < 0.002 and abs(std / s - 1) < 0.02  # the ODE's fine limit is the data
+        if steps == 10:
+            assert std < 0.5 * s
+    assert abs(x.mean().item() - mean) < 0.006, (x.mean().item(), mean)  # 20,000 values: 4 standard errors
+    assert abs(x.std().item() / std - 1) < (0.03 if sampler == "ddpm" else 0.02), (x.std().item(), std)
