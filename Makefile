@@ -44,7 +44,7 @@ $(VENV)/.installed: pyproject.toml Makefile ddpm/torch_setup.py
 
 # said before the seed's run starts on a machine without a GPU
 SEED_RUN_ON_CPU_NOTE = $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || \
-	echo "No CUDA GPU that this torch can use: the seed's run (configs/mnist.yaml) is 37,500 steps x 64 images; at ~50 images/s (eager fp32, measured on a 2-core CPU) that is ~13 hours. 'make demo' trains a small model in ~10 minutes."
+	echo "No CUDA GPU that this torch can use: the seed's run (configs/mnist.yaml) is 37,500 steps x 64 images; at 50-100 images/s (eager fp32, measured on 2-core CPUs) that is 7 to 13 hours. 'make demo' trains a small model in ~10 minutes."
 
 train: setup
 	@$(if $(and $(filter configs/mnist.yaml,$(CONFIG)),$(if $(filter --config%,$(ARGS)),,seed)),$(SEED_RUN_ON_CPU_NOTE),true)

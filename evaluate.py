@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--n", type=cli.positive, default=10_000, help="number of samples (default: %(default)s)")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
                         help="ddim (default, fast) or ddpm (ancestral, all diffusion.timesteps steps)")
-    parser.add_argument("--steps", type=cli.positive, help="DDIM steps (default: 50)")
+    parser.add_argument("--steps", type=cli.positive, help="DDIM steps (default: 50, or diffusion.timesteps if fewer)")
     parser.add_argument("--batch-size", type=cli.positive, default=500, help="samples per batch (default: %(default)s)")
     parser.add_argument("--seed", type=cli.seed, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -57,7 +57,6 @@ def main():
     with cli.user_errors("evaluate.py", sigterm_cleans_up=True):
         device = resolve_device(args.device)
         cli.check_sampler_options(args.sampler, steps=args.steps)
-        args.steps = args.steps or 50
         if args.json is not None:
             if not args.json.strip():
                 raise UserError("--json needs a file name, e.g. --json scores.json")
@@ -65,6 +64,7 @@ def main():
                 raise UserError(f"--json {args.json} is the checkpoint being evaluated; pass another file name")
             cli.check_writable(Path(args.json), "--json")
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights, cuda_graph=args.cuda_graph)
+        args.steps = args.steps or min(50, cfg.diffusion.timesteps)  # the training grid's DDIM too
         cfg = cli.with_sample_overrides(cfg, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
                                         streams=args.streams)
         check_sampling(cfg, args.n, args.sampler, args.steps, args.batch_size)

@@ -2,6 +2,7 @@
 import os
 import pickle
 import warnings
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -18,9 +19,22 @@ class CheckpointError(UserError):
     pass
 
 
+class WriteError(UserError):
+    pass
+
+
+def _os_error_in(error: BaseException | None) -> OSError | None:
+    """The OSError behind an error: torch.save reports a full disk as a RuntimeError of its zip
+    writer, raised while handling the OSError."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def write_atomically(path: Path, write) -> None:
-    """write(f) into a temporary file in the same directory, fsync, then rename it over `path`, so
-    a crash mid-write leaves the previous file intact."""
+    """write(f) into a temporary file in the same directory, fsync, then rename it over `path` (and
+    fsync the directory, so that the rename survives a crash too): a crash mid-write leaves the
+    previous file intact. A write the system refuses (a full disk, no permission) is a WriteError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -29,8 +43,34 @@ def write_atomically(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        with suppress(OSError):  # a file system that cannot sync a directory has written the file
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+    except (OSError, RuntimeError) as e:
+        refused = _os_error_in(e)
+        if refused is None:
+            raise
+        raise WriteError(f"cannot write {path} ({refused.strerror or refused})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """The temporary files of write_atomically in `folder` whose process has gone (killed with
+    SIGKILL mid-write: its finally never ran); a checkpoint's is as large as the checkpoint."""
+    for tmp in Path(folder).glob(".*.tmp[0-9]*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def save(state: dict, path: Path) -> None:

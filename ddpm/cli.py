@@ -108,11 +108,24 @@ def check_writable(path: Path, flag: str) -> None:
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise UserError(f"{flag} {path}: {path.parent} {what}")
+    _check_can_write_in(path.parent, f"{flag} {path}")
+
+
+def check_writable_dir(folder: Path, flag: str) -> None:
+    """As check_writable, for a directory to be written in, made if need be: it, or the nearest of
+    its parents that exists, can be written in."""
+    nearest = next(p for p in (Path(folder), *Path(folder).parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"{flag} {folder}: {nearest} is a file; pass a directory")
+    _check_can_write_in(nearest, f"{flag} {folder}")
+
+
+def _check_can_write_in(folder: Path, what: str) -> None:
     try:
-        with tempfile.TemporaryFile(dir=path.parent):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror}); choose another place") from None
+        raise UserError(f"{what}: cannot write in {folder} ({e.strerror}); choose another place") from None
 
 
 def _whole_number(text: str) -> int:

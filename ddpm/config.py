@@ -310,7 +310,7 @@ def validate(cfg: Config) -> None:
     resolutions = sorted({data.image_size >> i for i in range(len(m.channel_mults))}, reverse=True)
     require(all(r in resolutions for r in m.attention_resolutions),
             f"model.attention_resolutions may name only the UNet's resolutions {resolutions}, "
-            f"got {m.attention_resolutions}")
+            f"got {m.attention_resolutions}; set it to some of those (the seed: the smallest, [{resolutions[-1]}])")
     require(tr.steps >= 1, f"train.steps must be >= 1, got {tr.steps}")
     require(0 <= tr.seed < 2 ** 32, f"train.seed must lie in [0, 2**32), got {tr.seed}")
     require(tr.out_dir.strip() != "", "train.out_dir must name a directory, got ''")
@@ -334,8 +334,8 @@ def validate(cfg: Config) -> None:
     require(1 <= s.streams <= 16, f"sample.streams must lie in [1, 16] (1: one stream), got {s.streams}")
 
 
-def save(cfg: Config, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def diff(a: Config, b: Config) -> list[str]:

@@ -108,8 +108,27 @@ def compile_model(fn, mode: str, device: torch.device):
     mode = resolve_compile(mode, device)
     if mode == "none":
         return fn
+    if torch.device(device).type == "cpu":
+        check_cpu_compiler()
     use_inductor_cache()
     return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+
+
+def check_cpu_compiler() -> None:
+    """Inductor's CPU code is C++: without a compiler its first call fails with ~100 lines of
+    traceback, after the run has started. This says so before, in one line."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+    except ImportError:  # another torch's layout: the compile says it itself
+        return
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        from torch._inductor import config as inductor_config
+        raise UserError(f"compiling for a CPU needs a C++ compiler ({inductor_config.cpp.cxx[-1]} or another that "
+                        f"torch finds), and there is none: install one (apt install g++), or set train.compile / "
+                        f"sample.compile (sample.py, evaluate.py: --compile) to none") from None
 
 
 def use_inductor_cache() -> None:

@@ -186,7 +186,8 @@ def grid_image(x: torch.Tensor, scale: int = 1) -> Image.Image:
 def save_gif(frames: list[torch.Tensor], path: Path, scale: int = 1, hold_last_ms: int = 1500) -> None:
     images = [grid_image(f, scale) for f in frames]
     durations = [80] * (len(images) - 1) + [hold_last_ms]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+    checkpoint.write_atomically(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                                                              duration=durations, loop=0))
 
 
 def forward_diffusion_figure(diffusion: Diffusion, image: torch.Tensor, path: Path, columns: int = 11,
@@ -195,7 +196,8 @@ def forward_diffusion_figure(diffusion: Diffusion, image: torch.Tensor, path: Pa
     steps = torch.linspace(0, diffusion.timesteps - 1, columns).round().long().to(diffusion.device)
     x0 = image.to(diffusion.device).expand(columns, *image.shape[-3:])
     noise = torch.randn(image.shape[-3:], generator=generator, device=diffusion.device).expand_as(x0)
-    save_image(to_unit(diffusion.q_sample(x0, steps, noise)).cpu(), path, nrow=columns, padding=2, pad_value=1.0)
+    figure = to_unit(diffusion.q_sample(x0, steps, noise)).cpu()
+    checkpoint.write_atomically(path, lambda f: save_image(figure, f, format="png", nrow=columns, padding=2, pad_value=1.0))
 
 
 MAX_GRID_IMAGES = 1024  # one picture (and its GIF) of 32x32 digits; evaluate.py scores more, in batches
@@ -236,7 +238,16 @@ def _write_samples(net, cfg, out_dir: Path, device, num_images, seed, gif_frames
     with bar:
         x, frames = diffusion.sample(net, (num_images, 1, cfg.data.image_size, cfg.data.image_size), plan,
                                      s.clip_x0, generator, keep_every, step)
-    save_image(to_unit(x).cpu(), paths["grid"], nrow=int(num_images ** 0.5 + 0.5), padding=2, pad_value=1.0)
-    save_gif(frames, paths["gif"])
-    forward_diffusion_figure(diffusion, x[:1].clamp(-1, 1), paths["forward"], generator=generator)
+    grid, written = to_unit(x).cpu(), []
+    try:
+        checkpoint.write_atomically(paths["grid"], lambda f: save_image(
+            grid, f, format="png", nrow=int(num_images ** 0.5 + 0.5), padding=2, pad_value=1.0))
+        written.append(paths["grid"])
+        save_gif(frames, paths["gif"])
+        written.append(paths["gif"])
+        forward_diffusion_figure(diffusion, x[:1].clamp(-1, 1), paths["forward"], generator=generator)
+    except checkpoint.WriteError as e:  # a full disk: no half set of pictures is left, nor a dir it made
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise checkpoint.WriteError(f"{e}; free space or pass another --out") from None
     return paths

@@ -1,5 +1,6 @@
 """The training loop: data (data.loader) -> UNet -> epsilon MSE -> Adam -> EMA, with checkpoints,
 TensorBoard logs and a progress bar. Counted in optimizer steps; resumable to the same weights."""
+import fcntl
 import math
 import os
 import shutil
@@ -109,18 +110,47 @@ class _ExtrasInterrupted(BaseException):
 def save_checkpoint(trainer, done: int, ckpt_path: Path, window: torch.Tensor, data_fingerprint: dict) -> None:
     if not torch.isfinite(window[0]):  # the loss of the steps since the last log; a save waits for the GPU anyway
         raise diverged(window[0].item(), done, ckpt_path)
-    checkpoint.save({**trainer.state_dict(done), "data": data_fingerprint}, ckpt_path)
+    try:
+        checkpoint.save({**trainer.state_dict(done), "data": data_fingerprint}, ckpt_path)
+    except checkpoint.WriteError as e:
+        then = ("it keeps the last checkpoint: free space, then continue with --resume" if ckpt_path.exists() else
+                "none was written: free space and start again")
+        raise checkpoint.WriteError(f"{e} at step {done}; {then}") from None
 
 
-def start_out_dir(cfg, replace: bool) -> None:
-    """Once the run is set up: clear the run it replaces (--overwrite), save the config."""
+def start_out_dir(cfg, replace: bool, fresh: bool) -> int:
+    """Once the run is set up: lock the run dir for this run (returns the lock's descriptor, held
+    until it is closed or the process ends), clear the run it replaces (--overwrite), save the
+    config. fresh: not resumed, so the dir should be as check_out_dir found it. A failure leaves
+    no dir it made."""
     out = Path(cfg.train.out_dir)
-    if replace:
-        for name in (CHECKPOINT_NAME, "config.yaml", "tb", "samples"):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, out / "config.yaml")
+    with cli.leaves_no_new_dirs(out):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot make train.out_dir {out} ({e.strerror}); choose another train.out_dir") from None
+        lock = os.open(out, os.O_RDONLY)
+        try:
+            # two runs started in one dir: the second stops at its first step, before it writes
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunDirError(f"another run is training in {out}; wait for it to end, stop it, or choose "
+                                  f"another train.out_dir") from None
+            if fresh and not replace and any((out / name).exists() for name in (CHECKPOINT_NAME, "config.yaml")):
+                raise RunDirError(f"another run started in {out} while this one was setting up; choose another "
+                                  f"train.out_dir, or pass --resume or --overwrite")
+            if replace:
+                for name in (CHECKPOINT_NAME, "config.yaml", "tb", "samples"):
+                    path = out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            checkpoint.remove_stale_temporaries(out)
+            text = config_lib.to_yaml(cfg).encode()
+            checkpoint.write_atomically(out / "config.yaml", lambda f: f.write(text))
+        except BaseException:
+            os.close(lock)
+            raise
+    return lock
 
 
 class EMA(AveragedModel):
@@ -255,6 +285,18 @@ def sample_grid(ema_net, diffusion: Diffusion, image_size: int, n: int = 16, see
     return x
 
 
+def detach_from_terminal(terminal_fds: list[int]) -> None:
+    """After SIGHUP the terminal is gone and every write to it fails (EIO): a progress line would
+    stop the run before it saves. terminal_fds (stdout, stderr: those that were the terminal when
+    the run began; a hung-up one no longer says so) go to /dev/null; redirected ones stay."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in terminal_fds:
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def train(cfg, resume: bool | str = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Train as cfg says (in every process torchrun starts, if any); returns the final checkpoint's path.
     resume: True, False or "if-present" (check_out_dir)."""
@@ -302,8 +344,9 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
     start = restore(trainer, resumed, ckpt_path) if resumed is not None else 0
     replace_old_run = overwrite and resumed is None  # --overwrite clears the dir when the first step has run
+    fresh_run = resumed is None
     del resumed
-    writer = None  # rank 0's, made with the run dir once the first step has run
+    writer = run_dir_lock = None  # rank 0's, made with the run dir once the first step has run
     if world.is_main:
         print(f"training on {world.world_size} x {device.type} with {digits.description}: {len(digits.images)} images, "
               f"{sum(p.numel() for p in trainer.net.parameters()):,} parameters ({trainer.runs_as}), "
@@ -313,7 +356,8 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     # loss sum, step count and stop votes of the window, reduced across ranks once per log_every
     window = torch.zeros(3, device=device)
     window_start = time.perf_counter()
-    # Ctrl-C / SIGTERM: finish the step (under DDP: the logging window, so all ranks agree), save, stop.
+    # Ctrl-C / SIGTERM / SIGHUP (a closed terminal, a dropped ssh session): finish the step (under
+    # DDP: the logging window, so all ranks agree), save, stop.
     # A sample grid or evaluation under way is cut short: it computes nothing the run keeps. A
     # second signal stops at once, keeping the last checkpoint (its writes are atomic), but not
     # one within a second of the first: a cluster's scheduler signals every process of a job and
@@ -322,6 +366,8 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     in_extras = False
 
     def on_signal(signum, frame):
+        if signum == signal.SIGHUP:
+            detach_from_terminal(terminal_fds)
         if stop_signal:
             if time.monotonic() - stop_signal[0] > 1.0:
                 raise KeyboardInterrupt
@@ -330,14 +376,17 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
         if in_extras:
             raise _ExtrasInterrupted
 
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop_signals, terminal_fds = [signal.SIGINT, signal.SIGTERM], [fd for fd in (1, 2) if os.isatty(fd)]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup's runs go on
+        stop_signals.append(signal.SIGHUP)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
     try:
         for step in range(start, t.steps):
             window[0] += trainer.step(step)
             if world.is_main and writer is None:
                 # settings that fail at the first step (a kernel, an overflow) have failed by now, so
                 # only now is the run dir written and the run it replaces (--overwrite) cleared
-                start_out_dir(cfg, replace=replace_old_run)
+                run_dir_lock = start_out_dir(cfg, replace=replace_old_run, fresh=fresh_run)
                 writer = SummaryWriter(str(out / "tb"))
             window[1] += 1
             done = step + 1
@@ -362,7 +411,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                         print(f"step {done}/{t.steps}  loss {mean_loss:.4f}  {images_per_s:.0f} images/s", file=sys.stderr)
                 window.zero_()
                 window_start = time.perf_counter()
-            saved = False
+            saved, extras_start = False, time.perf_counter()
             if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
                 save_checkpoint(trainer, done, ckpt_path, window, data_fingerprint)  # first: a failing evaluation loses nothing
                 saved = True
@@ -384,6 +433,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 stop = stop or (bool(stop_signal) and not world.distributed)
                 if stop and not saved:
                     save_checkpoint(trainer, done, ckpt_path, window, data_fingerprint)
+            window_start += time.perf_counter() - extras_start  # images/s counts training steps alone
             if stop and done < t.steps:  # at the last step the run is complete: it ends as usual
                 bar.close()
                 if world.is_main:
@@ -395,5 +445,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
         bar.close()
         if writer is not None:
             writer.close()
+        if run_dir_lock is not None:
+            os.close(run_dir_lock)
     distributed.barrier(world)
     return ckpt_path

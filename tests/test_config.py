@@ -76,7 +76,8 @@ def test_seed_config_matches_the_seed():
     ("sample.steps=1001", "sample.steps must lie in [1, diffusion.timesteps=1000]"),
     ("sample.eta=-0.5", "sample.eta must lie in [0, 1]"),
     ("sample.eta=1.5", "sample.eta must lie in [0, 1]"),
-    ("model.attention_resolutions=[5]", "model.attention_resolutions may name only the UNet's resolutions [32, 16, 8]"),
+    ("model.attention_resolutions=[5]", "model.attention_resolutions may name only the UNet's resolutions [32, 16, 8], "
+                                        "got [5]; set it to some of those (the seed: the smallest, [8])"),
     ("train.seed=-1", "train.seed must lie in [0, 2**32)"),
     ("train.seed=99999999999999999999", "train.seed is too large"),
     ("train.out_dir=''", "train.out_dir must name a directory"),
@@ -190,7 +191,7 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
 
 def test_round_trip_through_yaml(tmp_path):
     cfg = config.load("configs/demo.yaml", ["train.seed=3"])
-    config.save(cfg, tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text(config.to_yaml(cfg))
     assert config.diff(config.load(tmp_path / "c.yaml"), cfg) == []
     # a checkpoint's config, as a dict
     assert config.diff(config.from_dict(cfg.to_dict()), cfg) == [] and config.diff(cfg, config.Config()) != []
@@ -218,12 +219,24 @@ def test_cli_seeds_and_the_write_probe(tmp_path, monkeypatch):
         with pytest.raises(argparse.ArgumentTypeError):
             cli.seed(bad)
     cli.check_writable(tmp_path / "scores.json", "--json")
+    cli.check_writable_dir(tmp_path / "new" / "traces", "--out")  # to be made: its nearest parent is tried
+    (tmp_path / "file").write_text("")
+    with pytest.raises(config.UserError, match=r"--out .*file/traces: .*file is a file; pass a directory$"):
+        cli.check_writable_dir(tmp_path / "file" / "traces", "--out")
+    with pytest.raises(config.UserError, match=r"--json .*file/scores.json: .*file is not a directory$"):
+        cli.check_writable(tmp_path / "file" / "scores.json", "--json")
+    with pytest.raises(config.UserError, match=r"--json .*scores.json: .*missing does not exist$"):
+        cli.check_writable(tmp_path / "missing" / "scores.json", "--json")
 
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(tempfile, "TemporaryFile", refused)  # a chmod would not stop root
     with pytest.raises(config.UserError, match=r"--json .*scores.json: cannot write in .* \(Permission denied\)"):
         cli.check_writable(tmp_path / "scores.json", "--json")
+    with pytest.raises(config.UserError, match=r"--out .*new/traces: cannot write in .*\(Permission denied\); "
+                                               r"choose another place$"):
+        cli.check_writable_dir(tmp_path / "new" / "traces", "--out")
+    assert not (tmp_path / "new").exists()
 
 
 def test_the_other_samplers_options_are_refused_even_at_zero():

@@ -234,14 +234,17 @@ def test_every_rank_returns_once_rank_0_has_saved_the_last_checkpoint(tmp_path):
 
 
 def test_images_per_second_counts_the_global_batch_on_any_world_size(tmp_path):
-    """A clock that moves 1 s between readings: each window of 5 steps at a global batch of 16 took
-    1 s, so 80 images/s, whether one process took the steps or two took half of each batch."""
+    """A clock on which a step takes 0.2 s: each window of 5 steps at a global batch of 16 took 1 s,
+    so 80 images/s, whether one process took the steps or two took half of each batch."""
     clocked = patched_train(tmp_path / "clocked_train.py",
-                            "import itertools, time, types\n"
+                            "import time, types\n"
                             "import ddpm.train\n"
-                            "ticks = itertools.count()\n"
-                            "ddpm.train.time = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)),\n"
-                            "                                        monotonic=time.monotonic)\n")
+                            "clock, step = [0.0], ddpm.train.Trainer.step\n"
+                            "def timed_step(self, i):\n"
+                            "    clock[0] += 0.2\n"
+                            "    return step(self, i)\n"
+                            "ddpm.train.Trainer.step = timed_step\n"
+                            "ddpm.train.time = types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic)\n")
     for nproc in (1, 2):
         result = torchrun(nproc, clocked, "--config", "configs/ci.yaml", "--no-progress",
                           f"train.out_dir={tmp_path / f'run{nproc}'}", "train.steps=10", "train.log_every=5")

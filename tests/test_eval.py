@@ -252,7 +252,7 @@ def test_train_eval_every_is_validated(tmp_path):
         ci_config(tmp_path, "train.eval_every=-1")
 
 
-def test_evaluate_cli_options_reach_the_sampler(ckpt, monkeypatch):
+def test_evaluate_cli_options_reach_the_sampler(ckpt, monkeypatch, tmp_path):
     """--raw-weights loads the raw weights; --n, --sampler, --steps, --batch-size, --seed and the
     runtime options reach the evaluation (stopped there: no classifier, no sampling)."""
     import runpy
@@ -282,6 +282,15 @@ def test_evaluate_cli_options_reach_the_sampler(ckpt, monkeypatch):
             main()
     assert seen == [True, ("auto", "auto", "auto", 1, 10_000, "ddim", 50, 500, 0),
                     False, ("fp16", "default", "disabled", 2, 30, "ddim", 7, 9, 3)]
+    # a model of 20 diffusion steps: DDIM over all 20 by default, as its training grid had it
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["diffusion"]["timesteps"] = 20
+    short = tmp_path / "short.pt"
+    torch.save(state, short)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", str(short), "--device", "cpu"])
+    with pytest.raises(Stop):
+        main()
+    assert seen[-1][6] == 20
 
 
 def test_evaluate_prints_and_records_what_it_ran(ckpt, monkeypatch, tmp_path, capsys):

@@ -164,3 +164,17 @@ def test_compile_model_is_one_graph_with_static_shapes(monkeypatch, tmp_path):
     # static: a graph per size (dynamic=True compiles one symbolic graph for both)
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
+
+
+def test_compiling_for_a_cpu_without_a_cpp_compiler_is_a_one_line_error():
+    """Inductor writes C++ for a CPU: without a compiler, one line before the run starts instead of
+    its ~100-line InvalidCxxCompiler traceback at the first step."""
+    from torch._inductor import config as inductor_config
+    from ddpm.runtime import compile_model
+    net = torch.nn.Linear(2, 2)
+    with inductor_config.patch({"cpp.cxx": ("no-such-compiler",)}):
+        with pytest.raises(UserError, match=r"compiling for a CPU needs a C\+\+ compiler \(no-such-compiler or "
+                                            r"another .*apt install g\+\+.*to none$"):
+            compile_model(net, "default", torch.device("cpu"))
+    assert compile_model(net, "default", torch.device("cpu")) is not net
+    assert compile_model(net, "none", torch.device("cpu")) is net

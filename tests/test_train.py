@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import ddpm.train
 from ddpm import checkpoint, config, data
+from ddpm.config import UserError
 from ddpm.diffusion import Diffusion
 from ddpm.train import Trainer, train
 
@@ -215,7 +217,7 @@ def test_resume_refuses_other_settings_and_missing_runs(tmp_path):
     assert not (tmp_path / "r" / "samples").exists() and len(list((tmp_path / "r" / "tb").iterdir())) == 1
     # a run dir holding a config alone: a run that stopped before its first checkpoint
     (tmp_path / "early").mkdir()
-    config.save(ci_config(tmp_path / "early"), tmp_path / "early" / "config.yaml")
+    (tmp_path / "early" / "config.yaml").write_text(config.to_yaml(ci_config(tmp_path / "early")))
     with pytest.raises(UserError, match="stopped before its first checkpoint; pass --overwrite"):
         train(ci_config(tmp_path / "early", "train.steps=1"), progress=False)
     assert checkpoint.load(train(ci_config(tmp_path / "early", "train.steps=1"), overwrite=True, progress=False))
@@ -300,6 +302,86 @@ def test_sigint_cuts_an_evaluation_short_and_saves_the_step(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "evaluation at step 3 cut short" in err and "stopped by signal after step 3" in err
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_save_the_step_and_stop(tmp_path, monkeypatch, capsys, sig):
+    """`kill`, a scheduler's stop, a closed terminal or a dropped ssh session (SIGHUP): as Ctrl-C,
+    the step finishes and is saved, and the handlers before the run are back after it."""
+    step = Trainer.step
+
+    def step_then_signal(self, i):
+        if i == 2:
+            os.kill(os.getpid(), sig)
+        return step(self, i)
+
+    monkeypatch.setattr(Trainer, "step", step_then_signal)
+    handler = signal.getsignal(sig)
+    with pytest.raises(KeyboardInterrupt):
+        train(ci_config(tmp_path / "run", "train.steps=50", "train.checkpoint_every=100"), progress=False)
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 3
+    assert "stopped by signal after step 3" in capsys.readouterr().err
+    assert signal.getsignal(sig) is handler
+
+
+def test_a_hangup_saves_the_step_and_stops_even_though_the_terminal_is_gone(tmp_path):
+    """A terminal closed under a run: writes to it fail (EIO), which would stop the run at its next
+    progress line without saving. The run leaves the dead terminal and saves."""
+    import pty
+    master, terminal = pty.openpty()
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/ci.yaml", "--no-progress",
+                             f"train.out_dir={out}", "train.steps=100000", "train.log_every=1"],
+                            cwd=ROOT, stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    seen = b""
+    while b"step 2/" not in seen:  # wait until training runs
+        seen += os.read(master, 4096)
+    proc.send_signal(signal.SIGHUP)  # as the kernel does when the terminal goes, then:
+    os.close(master)  # from now on writes to the terminal fail
+    assert proc.wait(timeout=120) == 130
+    assert checkpoint.load(out / "checkpoint.pt")["step"] >= 2
+
+
+def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path, monkeypatch):
+    step = Trainer.step
+
+    def step_then_hangup(self, i):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return step(self, i)
+
+    monkeypatch.setattr(Trainer, "step", step_then_hangup)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        ckpt = train(ci_config(tmp_path / "run", "train.steps=4"), progress=False)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert checkpoint.load(ckpt)["step"] == 4
+
+
+def test_images_per_s_counts_the_training_steps_alone(tmp_path, monkeypatch, capsys):
+    """The speed in the log, the progress bar and TensorBoard leaves out checkpoints, sample grids
+    and evaluations: on a clock where a step takes 1 s and a grid 100 s, every window shows
+    batch_size images/s."""
+    clock, step = [0.0], Trainer.step
+
+    def one_second_step(self, i):
+        clock[0] += 1.0
+        return step(self, i)
+
+    def slow_grid(*args, **kwargs):
+        clock[0] += 100.0
+        return torch.zeros(16, 1, 32, 32)
+    monkeypatch.setattr(Trainer, "step", one_second_step)
+    monkeypatch.setattr(ddpm.train, "sample_grid", slow_grid)
+    monkeypatch.setattr(ddpm.train.time, "perf_counter", lambda: clock[0])
+    cfg = ci_config(tmp_path / "run", "train.steps=6", "train.log_every=2", "train.sample_every=1",
+                    "train.checkpoint_every=1")
+    train(cfg, progress=False)
+    speeds = [line.split()[4] for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert speeds == [str(cfg.train.batch_size)] * 3
 
 
 def test_a_second_sigint_stops_at_once_keeping_the_last_checkpoint(tmp_path, monkeypatch):
@@ -425,6 +507,22 @@ def test_train_cli_bad_input(args, message, tmp_path, capsys, monkeypatch):
         result = subprocess.CompletedProcess(args, exit_.value.code, "", capsys.readouterr().err)
     assert message in assert_one_line_error(result, "train.py")
     assert not (tmp_path / "x").exists()
+
+
+def test_sample_cli_on_a_full_disk_leaves_no_pictures_nor_the_dir_it_made(tmp_path, capsys, monkeypatch):
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
+    real_write = checkpoint.write_atomically
+
+    def gif_fails(path, write):
+        if path.name == "denoising.gif":
+            raise checkpoint.WriteError(f"cannot write {path} (No space left on device)")
+        real_write(path, write)
+    monkeypatch.setattr(checkpoint, "write_atomically", gif_fails)
+    out = tmp_path / "new" / "pictures"
+    line = assert_one_line_error(run_sample_main(capsys, monkeypatch, "--ckpt", str(ckpt), "--out", str(out), "--n", "4",
+                                                 "--sampler", "ddim", "--steps", "2"), "sample.py")
+    assert line.endswith("denoising.gif (No space left on device); free space or pass another --out")
+    assert not (tmp_path / "new").exists()
 
 
 def test_train_cli_refuses_an_occupied_out_dir(tmp_path):
@@ -671,11 +769,93 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint(tmp_path, 
         f.write(before[: len(before) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", write_half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    def zip_writer_fails(obj, f, *args, **kwargs):  # torch.save's own report of a full disk
+        try:
+            write_half_then_fail(obj, f)
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+
+    def a_bug(obj, f, *args, **kwargs):
+        raise RuntimeError("not a write error")
+
+    for save in (write_half_then_fail, zip_writer_fails):
+        monkeypatch.setattr(torch, "save", save)
+        with pytest.raises(checkpoint.WriteError, match=r"cannot write .*checkpoint.pt \(No space left on device\)$"):
+            checkpoint.save(state, ckpt)
+        assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == sorted(
+            ["checkpoint.pt", "config.yaml", "tb"])
+    monkeypatch.setattr(torch, "save", a_bug)
+    with pytest.raises(RuntimeError, match="not a write error"):  # not said to be the disk's fault
         checkpoint.save(state, ckpt)
-    assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == sorted(
-        ["checkpoint.pt", "config.yaml", "tb"])
+
+
+def test_a_full_disk_stops_training_in_one_line_keeping_the_last_checkpoint(tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def second_save_fails(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", second_save_fails)
+    out = tmp_path / "run"
+    with pytest.raises(checkpoint.WriteError, match=r"cannot write .*checkpoint.pt \(No space left on device\) at "
+                                                    r"step 4; it keeps the last checkpoint: free space, then continue "
+                                                    r"with --resume"):
+        train(ci_config(out, "train.steps=6", "train.checkpoint_every=2"), progress=False)
+    assert checkpoint.load(out / "checkpoint.pt")["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "tb"]
+
+
+def test_a_run_dir_that_cannot_be_started_is_not_left_half_made(tmp_path, monkeypatch):
+    """A full disk when the config is written: no dir made and no empty config.yaml, which would
+    have the next start refused as a run that stopped before its first checkpoint."""
+    real_write = checkpoint.write_atomically
+
+    def full(path, write):
+        raise checkpoint.WriteError(f"cannot write {path} (No space left on device)")
+    monkeypatch.setattr(checkpoint, "write_atomically", full)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(checkpoint.WriteError, match="config.yaml"):
+        train(ci_config(out, "train.steps=1"), progress=False)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(checkpoint, "write_atomically", real_write)
+    assert checkpoint.load(train(ci_config(out, "train.steps=1"), resume="if-present", progress=False))["step"] == 1
+
+
+def test_two_runs_in_one_run_dir_the_second_stops_before_writing(tmp_path):
+    """Both passed the run-dir check before either wrote: the one that takes its first step second
+    finds the dir locked, or (the first has ended) holding a run, and stops before it writes."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another run is training in .*run; wait for it to end"):
+            train(ci_config(out, "train.steps=1"), progress=False)
+    finally:
+        os.close(holder)
+    assert list(out.iterdir()) == []
+    cfg = ci_config(out, "train.steps=1")
+    (out / "config.yaml").write_text(config.to_yaml(cfg))  # the other run's, written after this one's check
+    with pytest.raises(UserError, match="another run started in .*run while this one was setting up"):
+        ddpm.train.start_out_dir(cfg, replace=False, fresh=True)
+    os.close(ddpm.train.start_out_dir(cfg, replace=False, fresh=False))  # a resumed run's own dir
+    train(ci_config(out, "train.steps=1"), overwrite=True, progress=False)  # and the lock is let go at the end
+    os.close(ddpm.train.start_out_dir(cfg, replace=False, fresh=False))
+
+
+def test_temporaries_of_killed_writes_are_removed(tmp_path):
+    """A write killed with SIGKILL leaves its .NAME.tmpPID; the next run's start removes those
+    whose process has gone, not a live process's."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = [f".checkpoint.pt.tmp{int(gone.stdout)}", f".checkpoint.pt.tmp{os.getppid()}", f".x.tmp{os.getpid()}",
+             "notes.tmp1"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"half")
+    checkpoint.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
 
 
 def test_sample_cli_options_reach_the_sampler(tmp_path, monkeypatch):
