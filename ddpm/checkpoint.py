@@ -78,6 +78,8 @@ def save(state: dict, path: Path) -> None:
 
 
 def load(path: Path, map_location="cpu") -> dict:
+    if not str(path).strip():  # Path("") would be the current directory
+        raise CheckpointError("the checkpoint's name is empty; pass the checkpoint.pt inside a run's out dir")
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"

@@ -251,6 +251,8 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """The config file (or the defaults) with key=value overrides applied, validated."""
     cfg = Config()
     if path is not None:
+        if not str(path).strip():  # Path("") would be the current directory
+            raise ConfigError("the config file's name is empty; pass a YAML file (see configs/ for examples)")
         path = Path(path)
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"

@@ -202,6 +202,7 @@ def test_evaluate_cli_writes_table_and_json(cache, ckpt, tmp_path):
     (["--ckpt", "CKPT", "--device", "gpu"], "unknown device 'gpu'"),
     (["--ckpt", "CKPT", "--json", "CKPT"], "is the checkpoint being evaluated"),
     (["--ckpt", "CKPT", "--json", ""], "--json needs a file name"),
+    (["--ckpt", ""], "the checkpoint's name is empty; pass the checkpoint.pt inside a run's out dir"),
     (["--ckpt", "CKPT", "--sampler", "ddpm", "--steps", "7"], "--steps is an option of the DDIM sampler, not of DDPM"),
     pytest.param(["--ckpt", "CKPT", "--cuda-graph", "enabled"], "needs a CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")),

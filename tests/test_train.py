@@ -490,6 +490,7 @@ def test_sample_pictures_show_the_samples_and_one_noise_draw_of_the_forward_proc
     (["--config", "configs/ci.yaml", "train.nope=1"], "unknown config key 'train.nope'"),
     (["--config", "configs/ci.yaml", "diffusion.timesteps=0"], "diffusion.timesteps must be >= 1"),
     (["--config", "configs/missing.yaml"], "does not exist"),
+    (["--config", ""], "the config file's name is empty; pass a YAML file"),
     (["--config", "configs/ci.yaml", "data.source=idx", "data.dir=/nonexistent"], "no train-images-idx3-ubyte"),
 ])
 def test_train_cli_bad_input(args, message, tmp_path, capsys, monkeypatch):
