@@ -91,12 +91,8 @@ def main():
                       "cuda_graph": cuda_graph, "streams": cfg.sample.streams,
                       "device": str(device), "seed": args.seed, "weights": "raw" if args.raw_weights else "ema",
                       "features": scorer.feature_extractor, "real": scorer.description, "scores": scores}
-            try:  # whole or not at all
-                text = (json.dumps(record, indent=2) + "\n").encode()
-                checkpoint.write_atomically(Path(args.json), lambda f: f.write(text))
-            except OSError as e:
-                print(f"evaluate.py: error: cannot write {args.json} ({e.strerror})", file=sys.stderr)
-                sys.exit(2)
+            text = (json.dumps(record, indent=2) + "\n").encode()
+            checkpoint.write_atomically(Path(args.json), lambda f: f.write(text))  # whole or not at all
 
 
 if __name__ == "__main__":

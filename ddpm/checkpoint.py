@@ -1,6 +1,8 @@
 """Checkpoints: atomic writes, validated loads, the state a resumed run needs."""
+import glob
 import os
 import pickle
+import socket
 import warnings
 from contextlib import suppress
 from pathlib import Path
@@ -36,7 +38,7 @@ def write_atomically(path: Path, write) -> None:
     fsync the directory, so that the rename survives a crash too): a crash mid-write leaves the
     previous file intact. A write the system refuses (a full disk, no permission) is a WriteError."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}@{socket.gethostname()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -60,16 +62,17 @@ def write_atomically(path: Path, write) -> None:
 
 def remove_stale_temporaries(folder: Path) -> None:
     """The temporary files of write_atomically in `folder` whose process has gone (killed with
-    SIGKILL mid-write: its finally never ran); a checkpoint's is as large as the checkpoint."""
-    for tmp in Path(folder).glob(".*.tmp[0-9]*"):
-        pid = tmp.name.rpartition(".tmp")[2]
+    SIGKILL mid-write: its finally never ran); a checkpoint's is as large as the checkpoint. Only
+    this host's: a process of another host sharing the folder cannot be asked."""
+    for tmp in Path(folder).glob(f".*.tmp[0-9]*@{glob.escape(socket.gethostname())}"):
+        pid = tmp.name.rpartition(".tmp")[2].partition("@")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             tmp.unlink(missing_ok=True)
-        except PermissionError:  # alive, another user's
+        except (OSError, OverflowError):  # alive (another user's), or no process number at all
             pass
 
 
@@ -108,8 +111,11 @@ def load(path: Path, map_location="cpu") -> dict:
 
 
 def config_of(state: dict, path) -> config_lib.Config:
+    saved = state["config"]
+    if isinstance(saved, dict) and isinstance(saved.get("train"), dict) and "ema_warmup" not in saved["train"]:
+        saved = {**saved, "train": {**saved["train"], "ema_warmup": False}}  # a run from before the warm-up
     try:
-        return config_lib.from_dict(state["config"])
+        return config_lib.from_dict(saved)
     except config_lib.ConfigError as e:
         raise CheckpointError(f"checkpoint {path} holds a config this version cannot run ({e})") from None
 

@@ -20,7 +20,7 @@ def exit_after_reporter(status: int) -> NoReturn:
     """Exit with `status` without a word, in a process whose error another reports (rank 0, or local
     rank 0 of its node): after it. torchrun stops every worker as soon as one has failed, and a
     quiet process that left first could have the reporter stopped before it printed."""
-    for sig in (signal.SIGINT, signal.SIGTERM):  # torchrun's stop ends it at once, whatever handled them
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # torchrun's stop ends it at once, whatever handled them
         signal.signal(sig, signal.SIG_DFL)
     time.sleep(QUIET_EXIT_WAIT_S)
     sys.exit(status)

@@ -73,13 +73,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Conv2d(channels, channels, 1)
         self.num_heads = num_heads
         if attention_backend in ("triton", TRITON_FOR_16BIT):
-            from kernels.attention import MAX_BATCH_HEADS, beyond_limits
-            reason = beyond_limits(1, channels, resolution ** 2, num_heads)
+            reason = kernels.attention_beyond_limits(1, channels, resolution ** 2, num_heads)
             if reason and attention_backend == "triton":
                 raise UserError(f"model.attention=triton cannot run the attention at {resolution}x{resolution} "
                                 f"({channels} channels, {num_heads} heads): {reason}; use model.attention=auto or torch")
             attention_backend = "torch" if reason else attention_backend
-            self.max_triton_batch = MAX_BATCH_HEADS // num_heads
+            self.max_triton_batch = kernels.ATTENTION_MAX_BATCH_HEADS // num_heads
         self.backend = attention_backend
 
     def forward(self, x):

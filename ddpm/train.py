@@ -118,38 +118,58 @@ def save_checkpoint(trainer, done: int, ckpt_path: Path, window: torch.Tensor, d
         raise checkpoint.WriteError(f"{e} at step {done}; {then}") from None
 
 
-def start_out_dir(cfg, replace: bool, fresh: bool) -> int:
-    """Once the run is set up: lock the run dir for this run (returns the lock's descriptor, held
-    until it is closed or the process ends), clear the run it replaces (--overwrite), save the
-    config. fresh: not resumed, so the dir should be as check_out_dir found it. A failure leaves
-    no dir it made."""
+def lock_run_dir(out: Path) -> tuple[int | None, bool]:
+    """An exclusive lock on the run dir, held until its descriptor is closed or the process ends:
+    (descriptor, False), or (None, True) when another process holds it. Where the dir cannot be
+    opened or its file system has no locks, the run goes on without one, and says so."""
+    try:
+        lock = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        print(f"note: cannot lock {out} ({e.strerror}): a second run started into it would not be stopped", file=sys.stderr)
+        return None, False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock, False
+    except BlockingIOError:
+        os.close(lock)
+        return None, True
+    except OSError as e:  # ENOLCK, EOPNOTSUPP: a network or FUSE file system without locks
+        os.close(lock)
+        print(f"note: cannot lock {out} ({e.strerror}): a second run started into it would not be stopped", file=sys.stderr)
+        return None, False
+
+
+def start_out_dir(cfg, replace: bool, fresh: bool) -> int | None:
+    """Once the run is set up: lock the run dir for this run (returns the lock's descriptor, or None
+    where there is no lock), clear the run it replaces (--overwrite), save the config. fresh: not
+    resumed, so the dir should be as check_out_dir found it. A failure leaves no dir it made."""
     out = Path(cfg.train.out_dir)
     with cli.leaves_no_new_dirs(out):
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunDirError(f"cannot make train.out_dir {out} ({e.strerror}); choose another train.out_dir") from None
-        lock = os.open(out, os.O_RDONLY)
-        try:
-            # two runs started in one dir: the second stops at its first step, before it writes
+        # two runs started in one dir: the second stops at its first step, before it writes, and
+        # leaves the dir (which the other may have just made) alone
+        lock, held = lock_run_dir(out)
+        if not held:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunDirError(f"another run is training in {out}; wait for it to end, stop it, or choose "
-                                  f"another train.out_dir") from None
-            if fresh and not replace and any((out / name).exists() for name in (CHECKPOINT_NAME, "config.yaml")):
-                raise RunDirError(f"another run started in {out} while this one was setting up; choose another "
-                                  f"train.out_dir, or pass --resume or --overwrite")
-            if replace:
-                for name in (CHECKPOINT_NAME, "config.yaml", "tb", "samples"):
-                    path = out / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            checkpoint.remove_stale_temporaries(out)
-            text = config_lib.to_yaml(cfg).encode()
-            checkpoint.write_atomically(out / "config.yaml", lambda f: f.write(text))
-        except BaseException:
-            os.close(lock)
-            raise
+                if fresh and not replace and any((out / name).exists() for name in (CHECKPOINT_NAME, "config.yaml")):
+                    raise RunDirError(f"another run started in {out} while this one was setting up; choose another "
+                                      f"train.out_dir, or pass --resume or --overwrite")
+                if replace:
+                    for name in (CHECKPOINT_NAME, "config.yaml", "tb", "samples"):
+                        path = out / name
+                        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                checkpoint.remove_stale_temporaries(out)
+                text = config_lib.to_yaml(cfg).encode()
+                checkpoint.write_atomically(out / "config.yaml", lambda f: f.write(text))
+            except BaseException:
+                if lock is not None:
+                    os.close(lock)
+                raise
+    if held:
+        raise RunDirError(f"another run is training in {out}; wait for it to end, stop it, or choose another train.out_dir")
     return lock
 
 
@@ -285,6 +305,23 @@ def sample_grid(ema_net, diffusion: Diffusion, image_size: int, n: int = 16, see
     return x
 
 
+def on_main(world: distributed.World, fn) -> None:
+    """fn() on rank 0 alone (a write to the run dir); if it fails, every rank stops: rank 0 with its
+    error, the others quietly after it (cli.exit_after_reporter), instead of failing in the next
+    step's collective that rank 0 has left."""
+    failure = None
+    if world.is_main:
+        try:
+            fn()
+        except Exception as e:
+            failure = e
+    exit_status = distributed.from_main(world, None if failure is None else 2 if isinstance(failure, UserError) else 1)
+    if failure is not None:
+        raise failure
+    if exit_status is not None:
+        cli.exit_after_reporter(exit_status)
+
+
 def detach_from_terminal(terminal_fds: list[int]) -> None:
     """After SIGHUP the terminal is gone and every write to it fails (EIO): a progress line would
     stop the run before it saves. terminal_fds (stdout, stderr: those that were the terminal when
@@ -383,11 +420,14 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     try:
         for step in range(start, t.steps):
             window[0] += trainer.step(step)
-            if world.is_main and writer is None:
+            if step == start:
                 # settings that fail at the first step (a kernel, an overflow) have failed by now, so
                 # only now is the run dir written and the run it replaces (--overwrite) cleared
-                run_dir_lock = start_out_dir(cfg, replace=replace_old_run, fresh=fresh_run)
-                writer = SummaryWriter(str(out / "tb"))
+                def start_run_dir():
+                    nonlocal run_dir_lock, writer
+                    run_dir_lock = start_out_dir(cfg, replace=replace_old_run, fresh=fresh_run)
+                    writer = SummaryWriter(str(out / "tb"))
+                on_main(world, start_run_dir)
             window[1] += 1
             done = step + 1
             bar.update(1)
@@ -411,10 +451,13 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                         print(f"step {done}/{t.steps}  loss {mean_loss:.4f}  {images_per_s:.0f} images/s", file=sys.stderr)
                 window.zero_()
                 window_start = time.perf_counter()
-            saved, extras_start = False, time.perf_counter()
-            if world.is_main and (done % t.checkpoint_every == 0 or done == t.steps or stop):
-                save_checkpoint(trainer, done, ckpt_path, window, data_fingerprint)  # first: a failing evaluation loses nothing
-                saved = True
+            saved = done % t.checkpoint_every == 0 or done == t.steps or stop  # alike on every rank
+            extras = t.sample_every and done % t.sample_every == 0 or t.eval_every and done % t.eval_every == 0
+            if world.is_main and (saved or extras) and device.type == "cuda":
+                torch.cuda.synchronize(device)  # the steps' queued kernels are the window's time, not the extras'
+            extras_start = time.perf_counter()
+            if saved:  # first: a failing evaluation loses nothing
+                on_main(world, lambda: save_checkpoint(trainer, done, ckpt_path, window, data_fingerprint))
             if world.is_main:
                 in_extras = True  # before the check: a signal from here on cuts the extras short
                 try:

@@ -18,6 +18,25 @@ FLEXIBLE_LAYOUT = ({"tags": (torch.Tag.flexible_layout,)}
                    if "tags" in inspect.signature(torch.library.custom_op).parameters else {})
 
 
+# The attention kernels' limits (kernels/attention.py), here so that the model can choose by them
+# without importing Triton.
+ATTENTION_MAX_SEQ = 256  # a program holds a block of rows against all N columns
+ATTENTION_MAX_HEAD_DIM = 256
+ATTENTION_MAX_BATCH_HEADS = 65535  # the grid's second axis, one program per (sample, head): CUDA's limit there
+
+
+def attention_beyond_limits(batch: int, channels: int, seq: int, num_heads: int) -> str | None:
+    """Why the Triton attention cannot take `seq` tokens of `channels` channels in `num_heads`
+    heads for `batch` samples, or None when it can."""
+    if channels // num_heads > ATTENTION_MAX_HEAD_DIM:
+        return f"head dim {channels // num_heads} > {ATTENTION_MAX_HEAD_DIM}"
+    if seq > ATTENTION_MAX_SEQ:
+        return f"sequence length {seq} > {ATTENTION_MAX_SEQ}"
+    if batch * num_heads > ATTENTION_MAX_BATCH_HEADS:
+        return f"batch x heads {batch * num_heads} > {ATTENTION_MAX_BATCH_HEADS}; split the batch"
+    return None
+
+
 def fused_group_norm(x, weight, bias, num_groups: int, eps: float = 1e-5, time_bias=None,
                      activation: bool = True, backend: str = "torch"):
     if backend == "triton":

@@ -22,11 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import FLEXIBLE_LAYOUT
+from kernels import FLEXIBLE_LAYOUT, attention_beyond_limits
 
-_MAX_SEQ = 256
-_MAX_HEAD_DIM = 256
-MAX_BATCH_HEADS = 65535  # the grid's second axis, one program per (sample, head): CUDA's limit there
 # Score tile [rows, cols] elements: the dq backward keeps about four such fp32 tiles live
 # (S, P, dP, dS), 4 * 4096 / 256 threads = 64 registers per thread at 8 warps.
 _MAX_TILE = 4096
@@ -214,18 +211,6 @@ def _launch_config(batch_heads: int, seq: int, head_dim: int, dtype: torch.dtype
                 num_warps=num_warps, num_stages=num_stages)
 
 
-def beyond_limits(batch: int, channels: int, seq: int, num_heads: int) -> str | None:
-    """Why the kernels cannot take attention over `seq` tokens of `channels` channels in
-    `num_heads` heads for `batch` samples, or None when they can."""
-    if channels // num_heads > _MAX_HEAD_DIM:
-        return f"head dim {channels // num_heads} > {_MAX_HEAD_DIM}"
-    if seq > _MAX_SEQ:
-        return f"sequence length {seq} > {_MAX_SEQ}"
-    if batch * num_heads > MAX_BATCH_HEADS:
-        return f"batch x heads {batch * num_heads} > {MAX_BATCH_HEADS}; split the batch"
-    return None
-
-
 def _check(qkv: torch.Tensor, num_heads: int):
     """One-line errors for bad shapes: plain comparisons, not torch._check, on the launch path."""
     if qkv.dim() != 3:
@@ -233,7 +218,7 @@ def _check(qkv: torch.Tensor, num_heads: int):
     batch, three_c, seq = qkv.shape
     if three_c % (3 * num_heads):
         raise RuntimeError(f"{three_c} channels do not split into q, k, v of {num_heads} heads")
-    reason = beyond_limits(batch, three_c // 3, seq, num_heads)
+    reason = attention_beyond_limits(batch, three_c // 3, seq, num_heads)
     if reason:
         raise RuntimeError(reason)
 

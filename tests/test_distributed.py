@@ -305,3 +305,40 @@ def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(config.UserError, match="2 processes on this node, which has 1 GPU: .* at most 1"):
         distributed.init(torch.device("cuda"))
+
+
+def test_a_run_dir_write_failing_on_rank_0_stops_every_rank_in_one_line(tmp_path):
+    """Rank 0 alone writes the run dir: when its lock is held by another run (at the first step) or a
+    checkpoint cannot be written (a full disk, mid-run), rank 0 says why and the other ranks exit
+    after it without a word, instead of failing in the collective rank 0 has left."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        result = torchrun(2, "train.py", "--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={out}",
+                          "train.steps=4", status=2)
+    finally:
+        os.close(holder)
+    assert said(result) == [f"train.py: error: another run is training in {out}; wait for it to end, "
+                            f"stop it, or choose another train.out_dir"]
+    full = patched_train(tmp_path / "full_disk_train.py",
+                         "import torch\n"
+                         "real_save, saves = torch.save, []\n"
+                         "def save(obj, f, *args, **kwargs):\n"
+                         "    saves.append('checkpoint.pt' in str(getattr(f, 'name', '')))\n"
+                         "    if sum(saves) == 2 and saves[-1]:  # the second checkpoint\n"
+                         "        raise OSError(28, 'No space left on device')\n"
+                         "    real_save(obj, f, *args, **kwargs)\n"
+                         "torch.save = save\n")
+    result = torchrun(2, full, "--config", "configs/ci.yaml", "--no-progress", f"train.out_dir={out}",
+                      "train.steps=6", "train.checkpoint_every=2", "train.log_every=2", status=2)
+    errors = said(result)
+    assert len(errors) == 1 and "No space left on device) at step 4; it keeps the last checkpoint" in errors[0], \
+        result.stderr
+
+
+def said(result) -> list[str]:
+    """stderr without the run's own lines (its start, its progress, the offline-data warning)."""
+    return [line for line in result.stderr.splitlines() if not line.startswith(("training on ", "step ", "WARNING: "))]

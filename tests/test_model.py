@@ -173,7 +173,7 @@ def test_attention_beyond_the_triton_kernels_limits(monkeypatch):
     """auto (TRITON_FOR_16BIT) runs torch's attention where the kernel refuses the shape (more than
     256 tokens, a head dim over 256, or more than 65535 samples x heads); an explicit triton is a
     one-line error when the UNet is built, not a kernel's RuntimeError mid-run."""
-    from kernels.attention import beyond_limits
+    beyond_limits = model.kernels.attention_beyond_limits
     assert beyond_limits(2, 512, 64, 2) is None and beyond_limits(65535, 8, 256, 1) is None
     assert "head dim 512 > 256" in beyond_limits(2, 512, 64, 1)
     assert "sequence length 1024 > 256" in beyond_limits(2, 8, 1024, 1)

@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -304,11 +305,21 @@ def test_sigint_cuts_an_evaluation_short_and_saves_the_step(tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+@pytest.fixture
+def hangups_not_ignored():
+    """SIGHUP's default action while a test runs, even where the suite runs under nohup."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_save_the_step_and_stop(tmp_path, monkeypatch, capsys, sig):
+def test_sigterm_and_sighup_save_the_step_and_stop(tmp_path, monkeypatch, capsys, sig, hangups_not_ignored):
     """`kill`, a scheduler's stop, a closed terminal or a dropped ssh session (SIGHUP): as Ctrl-C,
     the step finishes and is saved, and the handlers before the run are back after it."""
     step = Trainer.step
+    detached = []
+    monkeypatch.setattr(ddpm.train, "detach_from_terminal", detached.append)  # pytest's own terminal stays
 
     def step_then_signal(self, i):
         if i == 2:
@@ -321,25 +332,32 @@ def test_sigterm_and_sighup_save_the_step_and_stop(tmp_path, monkeypatch, capsys
         train(ci_config(tmp_path / "run", "train.steps=50", "train.checkpoint_every=100"), progress=False)
     assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 3
     assert "stopped by signal after step 3" in capsys.readouterr().err
-    assert signal.getsignal(sig) is handler
+    assert signal.getsignal(sig) is handler and len(detached) == (sig == signal.SIGHUP)
 
 
 def test_a_hangup_saves_the_step_and_stops_even_though_the_terminal_is_gone(tmp_path):
     """A terminal closed under a run: writes to it fail (EIO), which would stop the run at its next
     progress line without saving. The run leaves the dead terminal and saves."""
     import pty
+    import select
     master, terminal = pty.openpty()
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/ci.yaml", "--no-progress",
                              f"train.out_dir={out}", "train.steps=100000", "train.log_every=1"],
-                            cwd=ROOT, stdin=terminal, stdout=terminal, stderr=terminal)
+                            cwd=ROOT, stdin=terminal, stdout=terminal, stderr=terminal,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # even under nohup
     os.close(terminal)
-    seen = b""
-    while b"step 2/" not in seen:  # wait until training runs
-        seen += os.read(master, 4096)
-    proc.send_signal(signal.SIGHUP)  # as the kernel does when the terminal goes, then:
-    os.close(master)  # from now on writes to the terminal fail
-    assert proc.wait(timeout=120) == 130
+    try:
+        seen, deadline = b"", time.monotonic() + 120
+        while b"step 2/" not in seen:  # wait until training runs
+            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+            if select.select([master], [], [], 1.0)[0]:
+                seen += os.read(master, 4096)
+        proc.send_signal(signal.SIGHUP)  # as the kernel does when the terminal goes, then:
+        os.close(master)  # from now on writes to the terminal fail
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
     assert checkpoint.load(out / "checkpoint.pt")["step"] >= 2
 
 
@@ -376,7 +394,7 @@ def test_images_per_s_counts_the_training_steps_alone(tmp_path, monkeypatch, cap
         return torch.zeros(16, 1, 32, 32)
     monkeypatch.setattr(Trainer, "step", one_second_step)
     monkeypatch.setattr(ddpm.train, "sample_grid", slow_grid)
-    monkeypatch.setattr(ddpm.train.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(ddpm.train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
     cfg = ci_config(tmp_path / "run", "train.steps=6", "train.log_every=2", "train.sample_every=1",
                     "train.checkpoint_every=1")
     train(cfg, progress=False)
@@ -847,16 +865,46 @@ def test_two_runs_in_one_run_dir_the_second_stops_before_writing(tmp_path):
     os.close(ddpm.train.start_out_dir(cfg, replace=False, fresh=False))
 
 
+def test_a_file_system_without_locks_trains_unlocked_with_a_note(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert checkpoint.load(train(ci_config(tmp_path / "run", "train.steps=1"), progress=False))["step"] == 1
+    assert f"note: cannot lock {tmp_path / 'run'} (No locks available)" in capsys.readouterr().err
+
+
+def test_a_run_from_before_the_ema_warmup_resumes_without_it(tmp_path):
+    """Its checkpoint's config has no train.ema_warmup: read as false (the rule it trained with), so
+    resuming it under the new default is refused as other settings, not silently switched."""
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["train"]["ema_warmup"]
+    torch.save(state, ckpt)
+    assert checkpoint.config_of(checkpoint.load(ckpt), ckpt).train.ema_warmup is False
+    with pytest.raises(UserError, match=r"other settings \(train.ema_warmup\)"):
+        train(ci_config(tmp_path / "run", "train.steps=2"), resume=True, progress=False)
+    resumed = train(ci_config(tmp_path / "run", "train.steps=2", "train.ema_warmup=false"), resume=True, progress=False)
+    assert checkpoint.load(resumed)["step"] == 2
+
+
 def test_temporaries_of_killed_writes_are_removed(tmp_path):
-    """A write killed with SIGKILL leaves its .NAME.tmpPID; the next run's start removes those
-    whose process has gone, not a live process's."""
+    """A write killed with SIGKILL leaves its .NAME.tmpPID@HOST; the next run's start removes this
+    host's whose process has gone, not a live process's nor another host's."""
+    import socket
+    host = socket.gethostname()
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    names = [f".checkpoint.pt.tmp{int(gone.stdout)}", f".checkpoint.pt.tmp{os.getppid()}", f".x.tmp{os.getpid()}",
-             "notes.tmp1"]
+    names = [f".checkpoint.pt.tmp{int(gone.stdout)}@{host}", f".checkpoint.pt.tmp{os.getppid()}@{host}",
+             f".x.tmp{os.getpid()}@{host}", f".checkpoint.pt.tmp{int(gone.stdout)}@another-host",
+             f".x.tmp{10 ** 30}@{host}", "notes.tmp1"]
     for name in names:
         (tmp_path / name).write_bytes(b"half")
     checkpoint.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    checkpoint.write_atomically(tmp_path / "checkpoint.pt", lambda f: f.write(b"whole"))  # its own name's pattern
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"whole" and len(list(tmp_path.iterdir())) == len(names)
 
 
 def test_sample_cli_options_reach_the_sampler(tmp_path, monkeypatch):
