@@ -37,27 +37,41 @@ def write_atomically(path: Path, write) -> None:
     """write(f) into a temporary file in the same directory, fsync, then rename it over `path` (and
     fsync the directory, so that the rename survives a crash too): a crash mid-write leaves the
     previous file intact. A write the system refuses (a full disk, no permission) is a WriteError."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}@{socket.gethostname()}")
+    write_all_atomically({path: write})
+
+
+def write_all_atomically(writes: dict) -> None:
+    """write_atomically for several files ({path: write}, one directory or several): none is renamed
+    over its old version until all are written, so a refused write leaves every old file as it was.
+    (A crash between the renames can still leave some of them new.)"""
+    temporaries = {Path(path): Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}@{socket.gethostname()}")
+                   for path in writes}
+    current = None
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        with suppress(OSError):  # a file system that cannot sync a directory has written the file
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+        for (path, write), tmp in zip(writes.items(), temporaries.values()):
+            current = Path(path)
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in temporaries.items():
+            current = path
+            os.replace(tmp, path)
+        for folder in {path.parent for path in temporaries}:
+            with suppress(OSError):  # a file system that cannot sync a directory has written the file
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
     except (OSError, RuntimeError) as e:
         refused = _os_error_in(e)
         if refused is None:
             raise
-        raise WriteError(f"cannot write {path} ({refused.strerror or refused})") from None
+        raise WriteError(f"cannot write {current} ({refused.strerror or refused})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

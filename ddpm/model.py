@@ -140,6 +140,10 @@ class UNet(nn.Module):
             self.decoder.append(ResBlock(2 * widths[i], widths[max(i - 1, 0)], time_embed_dim, norm_backend))
             self.decoder_attn.append(attention(widths[max(i - 1, 0)], res))
         self.out = nn.Conv2d(widths[0], in_channels, 1)
+        layers = [m for m in self.modules() if isinstance(m, SelfAttention)]
+        beyond = sum(m.backend != attention_backend for m in layers)  # auto's fallbacks (SelfAttention)
+        if beyond:
+            self.backends = norm_backend, f"{attention_backend} (torch in {beyond} of {len(layers)} layers, beyond its limits)"
 
     def res_blocks(self) -> tuple[ResBlock, ...]:
         """The ResBlocks in the order forward runs them."""

@@ -183,21 +183,21 @@ def grid_image(x: torch.Tensor, scale: int = 1) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
 
-def save_gif(frames: list[torch.Tensor], path: Path, scale: int = 1, hold_last_ms: int = 1500) -> None:
+def write_gif(frames: list[torch.Tensor], scale: int = 1, hold_last_ms: int = 1500):
+    """A writer (f -> None) of the frames as an animated GIF, the last one held."""
     images = [grid_image(f, scale) for f in frames]
     durations = [80] * (len(images) - 1) + [hold_last_ms]
-    checkpoint.write_atomically(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
-                                                              duration=durations, loop=0))
+    return lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
-def forward_diffusion_figure(diffusion: Diffusion, image: torch.Tensor, path: Path, columns: int = 11,
-                             generator=None) -> None:
-    """One image noised to t = 0, T/10, ..., T-1 with one fixed noise draw: the forward process."""
+def write_forward_diffusion_figure(diffusion: Diffusion, image: torch.Tensor, columns: int = 11, generator=None):
+    """A writer (f -> None) of one image noised to t = 0, T/10, ..., T-1 with one fixed noise draw:
+    the forward process, as a PNG row."""
     steps = torch.linspace(0, diffusion.timesteps - 1, columns).round().long().to(diffusion.device)
     x0 = image.to(diffusion.device).expand(columns, *image.shape[-3:])
     noise = torch.randn(image.shape[-3:], generator=generator, device=diffusion.device).expand_as(x0)
     figure = to_unit(diffusion.q_sample(x0, steps, noise)).cpu()
-    checkpoint.write_atomically(path, lambda f: save_image(figure, f, format="png", nrow=columns, padding=2, pad_value=1.0))
+    return lambda f: save_image(figure, f, format="png", nrow=columns, padding=2, pad_value=1.0)
 
 
 MAX_GRID_IMAGES = 1024  # one picture (and its GIF) of 32x32 digits; evaluate.py scores more, in batches
@@ -238,16 +238,13 @@ def _write_samples(net, cfg, out_dir: Path, device, num_images, seed, gif_frames
     with bar:
         x, frames = diffusion.sample(net, (num_images, 1, cfg.data.image_size, cfg.data.image_size), plan,
                                      s.clip_x0, generator, keep_every, step)
-    grid, written = to_unit(x).cpu(), []
-    try:
-        checkpoint.write_atomically(paths["grid"], lambda f: save_image(
-            grid, f, format="png", nrow=int(num_images ** 0.5 + 0.5), padding=2, pad_value=1.0))
-        written.append(paths["grid"])
-        save_gif(frames, paths["gif"])
-        written.append(paths["gif"])
-        forward_diffusion_figure(diffusion, x[:1].clamp(-1, 1), paths["forward"], generator=generator)
-    except checkpoint.WriteError as e:  # a full disk: no half set of pictures is left, nor a dir it made
-        for path in written:
-            path.unlink(missing_ok=True)
+    grid = to_unit(x).cpu()
+    try:  # all three or none (a full disk): no mixed set, and no dir it made
+        checkpoint.write_all_atomically({
+            paths["grid"]: lambda f: save_image(grid, f, format="png", nrow=int(num_images ** 0.5 + 0.5), padding=2,
+                                                pad_value=1.0),
+            paths["gif"]: write_gif(frames),
+            paths["forward"]: write_forward_diffusion_figure(diffusion, x[:1].clamp(-1, 1), generator=generator)})
+    except checkpoint.WriteError as e:
         raise checkpoint.WriteError(f"{e}; free space or pass another --out") from None
     return paths

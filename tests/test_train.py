@@ -529,19 +529,30 @@ def test_train_cli_bad_input(args, message, tmp_path, capsys, monkeypatch):
 
 
 def test_sample_cli_on_a_full_disk_leaves_no_pictures_nor_the_dir_it_made(tmp_path, capsys, monkeypatch):
+    """The three pictures are written all or none: a full disk at the GIF leaves no new dir, and an
+    earlier run's pictures as they were (not a mixed set)."""
+    import ddpm.sample
     ckpt = train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
-    real_write = checkpoint.write_atomically
 
-    def gif_fails(path, write):
-        if path.name == "denoising.gif":
-            raise checkpoint.WriteError(f"cannot write {path} (No space left on device)")
-        real_write(path, write)
-    monkeypatch.setattr(checkpoint, "write_atomically", gif_fails)
+    def full_disk(frames):
+        def write(f):
+            f.write(b"GIF89a")
+            raise OSError(28, "No space left on device")
+        return write
+    monkeypatch.setattr(ddpm.sample, "write_gif", full_disk)
+    args = ["--ckpt", str(ckpt), "--n", "4", "--sampler", "ddim", "--steps", "2"]
     out = tmp_path / "new" / "pictures"
-    line = assert_one_line_error(run_sample_main(capsys, monkeypatch, "--ckpt", str(ckpt), "--out", str(out), "--n", "4",
-                                                 "--sampler", "ddim", "--steps", "2"), "sample.py")
+    line = assert_one_line_error(run_sample_main(capsys, monkeypatch, *args, "--out", str(out)), "sample.py")
     assert line.endswith("denoising.gif (No space left on device); free space or pass another --out")
     assert not (tmp_path / "new").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    names = ("samples.png", "denoising.gif", "forward.png")
+    for name in names:
+        (old / name).write_bytes(b"old")
+    assert_one_line_error(run_sample_main(capsys, monkeypatch, *args, "--out", str(old)), "sample.py")
+    assert sorted(p.name for p in old.iterdir()) == sorted(names)
+    assert all((old / name).read_bytes() == b"old" for name in names)
 
 
 def test_train_cli_refuses_an_occupied_out_dir(tmp_path):
