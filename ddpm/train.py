@@ -305,6 +305,40 @@ def sample_grid(ema_net, diffusion: Diffusion, image_size: int, n: int = 16, see
     return x
 
 
+class TensorBoard:
+    """SummaryWriter whose failure (a full disk: its writer thread's error comes back at the next
+    call) turns TensorBoard off with a one-line note, instead of stopping the run with a traceback
+    before its next checkpoint (whose own write says what is wrong, if it fails too)."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir, self.writer = log_dir, None
+        try:
+            self.writer = SummaryWriter(str(log_dir))
+        except OSError as e:
+            self._stop(e)
+
+    def _stop(self, error: OSError) -> None:
+        self.writer = None
+        print(f"note: TensorBoard stopped: cannot write {self.log_dir} ({error.strerror}); training goes on",
+              file=sys.stderr)
+
+    def _call(self, method: str, *args):
+        if self.writer is not None:
+            try:
+                getattr(self.writer, method)(*args)
+            except OSError as e:
+                self._stop(e)
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        self._call("add_scalar", tag, value, step)
+
+    def add_image(self, tag: str, image, step: int) -> None:
+        self._call("add_image", tag, image, step)
+
+    def close(self) -> None:
+        self._call("close")
+
+
 def on_main(world: distributed.World, fn) -> None:
     """fn() on rank 0 alone (a write to the run dir); if it fails, every rank stops: rank 0 with its
     error, the others quietly after it (cli.exit_after_reporter), instead of failing in the next
@@ -426,7 +460,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                 def start_run_dir():
                     nonlocal run_dir_lock, writer
                     run_dir_lock = start_out_dir(cfg, replace=replace_old_run, fresh=fresh_run)
-                    writer = SummaryWriter(str(out / "tb"))
+                    writer = TensorBoard(out / "tb")
                 on_main(world, start_run_dir)
             window[1] += 1
             done = step + 1

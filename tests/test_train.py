@@ -837,6 +837,21 @@ def test_a_full_disk_stops_training_in_one_line_keeping_the_last_checkpoint(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "tb"]
 
 
+def test_tensorboard_on_a_full_disk_stops_with_a_note_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+    calls = []
+
+    def full(self, *args, **kwargs):
+        calls.append(args[0])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=4", "train.log_every=1"), progress=False)
+    assert checkpoint.load(ckpt)["step"] == 4 and calls == ["train/loss"]  # off after the first failure
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: TensorBoard stopped: cannot write {tmp_path / 'run' / 'tb'} (No space left on device); "
+                     f"training goes on"]
+
+
 def test_a_run_dir_that_cannot_be_started_is_not_left_half_made(tmp_path, monkeypatch):
     """A full disk when the config is written: no dir made and no empty config.yaml, which would
     have the next start refused as a run that stopped before its first checkpoint."""
