@@ -124,17 +124,15 @@ def lock_run_dir(out: Path) -> tuple[int | None, bool]:
     opened or its file system has no locks, the run goes on without one, and says so."""
     try:
         lock = os.open(out, os.O_RDONLY)
-    except OSError as e:
-        print(f"note: cannot lock {out} ({e.strerror}): a second run started into it would not be stopped", file=sys.stderr)
-        return None, False
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return lock, False
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock, False
+        except OSError:
+            os.close(lock)
+            raise
     except BlockingIOError:
-        os.close(lock)
         return None, True
-    except OSError as e:  # ENOLCK, EOPNOTSUPP: a network or FUSE file system without locks
-        os.close(lock)
+    except OSError as e:  # unreadable; ENOLCK, EOPNOTSUPP: a network or FUSE file system without locks
         print(f"note: cannot lock {out} ({e.strerror}): a second run started into it would not be stopped", file=sys.stderr)
         return None, False
 
@@ -199,8 +197,7 @@ class EMA(AveragedModel):
         if k == 0:
             torch._foreach_copy_(averaged, current)
         else:  # the EMA rule ignores its third argument, the count
-            update = get_ema_multi_avg_fn(self.decay_of_update(k)) if self.warmup else self.multi_avg_fn
-            update(averaged, current, self.n_averaged)
+            get_ema_multi_avg_fn(self.decay_of_update(k))(averaged, current, self.n_averaged)
         for mine, theirs in zip(self.module.buffers(), model.buffers()):
             mine.copy_(theirs)
         self.n_averaged += 1
