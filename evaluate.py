@@ -9,11 +9,11 @@ split against the training split, same count; for the offline subset, its held-o
 the other)."""
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ddpm import checkpoint, cli
 from ddpm.config import UserError
+from ddpm.diffusion import usual_ddim_steps
 from ddpm.eval import Scorer, check_sampling, evaluate
 from ddpm.runtime import resolve_compile, resolve_device, resolve_precision
 from ddpm.sample import load_model, step_compile_mode, uses_cuda_graph
@@ -64,7 +64,7 @@ def main():
                 raise UserError(f"--json {args.json} is the checkpoint being evaluated; pass another file name")
             cli.check_writable(Path(args.json), "--json")
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights, cuda_graph=args.cuda_graph)
-        args.steps = args.steps or min(50, cfg.diffusion.timesteps)  # the training grid's DDIM too
+        args.steps = args.steps or usual_ddim_steps(cfg.diffusion.timesteps)
         cfg = cli.with_sample_overrides(cfg, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
                                         streams=args.streams)
         check_sampling(cfg, args.n, args.sampler, args.steps, args.batch_size)

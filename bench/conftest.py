@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest  # noqa: E402
 import torch  # noqa: E402  (does not import triton)
 
+from bench import variants  # noqa: E402
 from ddpm import distributed  # noqa: E402
+from ddpm.checkpoint import write_all_atomically  # noqa: E402
 from ddpm.runtime import use_inductor_cache  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -123,7 +125,7 @@ def record(request):
     return add
 
 
-BASELINES = {"train": {"eager-fp32"}, "sample": {"eager-fp32"}, "kernel": {"eager", "torch"}}
+BASELINES = {"train": {variants.BASELINE}, "sample": {variants.BASELINE}, "kernel": {"eager", "torch"}}
 
 
 def speedups(rows: list[dict]) -> None:
@@ -173,10 +175,9 @@ def write_results(config) -> tuple[Path, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(env, rows)
     # whole files or none: a part killed by its time limit mid-write must not spoil the next part's read
-    for suffix, text in ((".json", json.dumps({"environment": env, "results": rows}, indent=1) + "\n"), (".md", table)):
-        tmp = path.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path.with_suffix(suffix))
+    json_text = json.dumps({"environment": env, "results": rows}, indent=1) + "\n"
+    write_all_atomically({path.with_suffix(".json"): lambda f: f.write(json_text.encode()),
+                          path.with_suffix(".md"): lambda f: f.write(table.encode())})
     return path, table
 
 

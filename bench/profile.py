@@ -58,8 +58,6 @@ def profile_run(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config.load(args.config, [*args.overrides, f"train.device={device.type}"])
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise config.UserError(f"--out {out} is a file; pass a directory for the traces")
     cli.check_writable_dir(out, "--out")  # now, not after the profiling
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
 

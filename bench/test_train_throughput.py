@@ -38,10 +38,6 @@ def t4_max_batch(device, quick):
     return min(int((T4_MEMORY_BYTES - fixed) / per_image), len(IMAGES)) // 64 * 64
 
 
-def batches(quick):
-    return [64] if quick else [64, "t4-max"]
-
-
 # Every variant at batch 64 first, the T4-sized batch last: a run cut short has the rows that count.
 @pytest.mark.parametrize("variant", list(variants.TRAIN))
 @pytest.mark.parametrize("batch", [64, "t4-max"])

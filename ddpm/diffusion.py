@@ -24,8 +24,10 @@ class SamplerPlan:
     mean_xt: torch.Tensor
     sigma: torch.Tensor          # 0 at the last step
 
-    def to(self, device):
-        return SamplerPlan(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+def usual_ddim_steps(timesteps: int) -> int:
+    """DDIM's usual 50 steps, or T when shorter: the training grid's, and the scores' by default."""
+    return min(50, timesteps)
 
 
 class Diffusion:
@@ -58,11 +60,10 @@ class Diffusion:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
         return self.sqrt_abar[t].view(-1, 1, 1, 1) * x0 + self.sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * noise
 
-    def draw(self, batch: int, shape, generator=None, device=None):
+    def draw(self, batch: int, shape, generator=None):
         """t uniform in [0, T) and unit Gaussian noise for `batch` images of `shape`."""
-        device = device or self.device
-        t = torch.randint(0, self.timesteps, (batch,), device=device, generator=generator)
-        return t, torch.randn((batch, *shape), device=device, generator=generator)
+        t = torch.randint(0, self.timesteps, (batch,), device=self.device, generator=generator)
+        return t, torch.randn((batch, *shape), device=self.device, generator=generator)
 
     def loss(self, model, x0, t, noise):
         """Ho et al.'s simple loss: MSE between the true and the predicted noise."""

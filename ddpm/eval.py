@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ddpm import checkpoint
 from ddpm.config import UserError, describe
 from ddpm.data import Digits, load_digits, to_model_input
-from ddpm.diffusion import Diffusion
+from ddpm.diffusion import Diffusion, usual_ddim_steps
 from ddpm.runtime import cache_dir  # $DDPM_CACHE_DIR, else $XDG_CACHE_HOME/ddpm-mnist, else ~/.cache/ddpm-mnist
 
 CLASSIFIER_ARCH = 2          # bump when the network below changes: cached weights are then retrained
@@ -102,9 +102,7 @@ def real_splits(data_cfg) -> RealSplits:
     """MNIST and Fashion-MNIST: the training split and the test split. The offline subset (5,000
     digits, no test split): a fixed class-balanced split into two halves of 2,500."""
     train = load_digits(data_cfg, train=True)
-    # load_digits says which source "auto" resolved to only in its description
-    offline = train.description.startswith("mnist offline subset")
-    if offline:
+    if train.offline_subset:
         g = torch.Generator().manual_seed(OFFLINE_SEED)
         halves = ([], [])
         for c in range(10):
@@ -114,13 +112,13 @@ def real_splits(data_cfg) -> RealSplits:
             halves[1].append(idx[len(idx) // 2:])
         a, b = (torch.cat(h).sort().values for h in halves)
         return RealSplits("mnist-offline_subset",
-                          Digits(train.images[a], train.labels[a], f"offline subset, half A ({len(a):,})"),
-                          Digits(train.images[b], train.labels[b], f"offline subset, half B ({len(b):,})"),
+                          Digits(train.images[a], train.labels[a], f"offline subset, half A ({len(a):,})", offline_subset=True),
+                          Digits(train.images[b], train.labels[b], f"offline subset, half B ({len(b):,})", offline_subset=True),
                           f"the 5,000-digit offline MNIST subset split (seed {OFFLINE_SEED}) into two disjoint "
                           f"class-balanced halves: A ({len(a):,}) trains the classifier and is the reference, "
                           f"B ({len(b):,}) is held out; the floor compares B with A")
     test = load_digits(data_cfg, train=False)
-    if test.description.startswith("mnist offline subset"):
+    if test.offline_subset:
         raise UserError(f"found the {data_cfg.dataset} training split but not its test split "
                         f"(t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]): put them in {data_cfg.dir}")
     key = "mnist-full" if data_cfg.dataset == "mnist" else data_cfg.dataset
@@ -133,17 +131,6 @@ def classifier_path(key: str, data_cfg) -> Path:
     # the classifier must see the diffusion model's input; other sizes or padding get their own file
     prep = "" if (data_cfg.image_size, data_cfg.resize) == (32, "bilinear") else f"-{data_cfg.resize}{data_cfg.image_size}"
     return cache_dir() / f"classifier-{key}{prep}.pt"
-
-
-def _classifier_key(data_cfg) -> str:
-    """The cache key without loading the data: only "auto" needs to look at what is there."""
-    if data_cfg.dataset == "fashion_mnist":
-        return "fashion_mnist"
-    if data_cfg.source == "offline_subset":
-        return "mnist-offline_subset"
-    if data_cfg.source == "auto":
-        return real_splits(data_cfg).key
-    return "mnist-full"
 
 
 @torch.no_grad()
@@ -195,12 +182,13 @@ def train_classifier(splits: RealSplits, data_cfg, device, steps: int = CLASSIFI
     return net, accuracy(net, splits.held_out, data_cfg, device)
 
 
-def get_classifier(data_cfg, device, steps: int = CLASSIFIER_STEPS, splits: RealSplits | None = None,
-                   progress: bool = False, log=_stderr) -> DigitClassifier:
-    """The dataset's classifier from the cache dir, trained and cached first if it is not there (or
-    the cached file is unreadable or of an older architecture: then it is retrained, said once)."""
+def get_classifier(data_cfg, device, splits: RealSplits, steps: int = CLASSIFIER_STEPS, progress: bool = False,
+                   log=_stderr) -> DigitClassifier:
+    """The classifier of the dataset whose real_splits() are `splits`, from the cache dir; trained on
+    them and cached first if it is not there (or the cached file is unreadable or of an older
+    architecture: then it is retrained, said once)."""
     device = torch.device(device)
-    key = splits.key if splits is not None else _classifier_key(data_cfg)
+    key = splits.key
     path = classifier_path(key, data_cfg)
     if path.is_file():
         try:
@@ -218,7 +206,6 @@ def get_classifier(data_cfg, device, steps: int = CLASSIFIER_STEPS, splits: Real
     except OSError as e:
         raise UserError(f"cannot cache the evaluation classifier in {path.parent} ({e.strerror}); set "
                         f"DDPM_CACHE_DIR to a writable directory") from None
-    splits = splits or real_splits(data_cfg)
     log(f"training the evaluation classifier for {key} ({steps} steps on {len(splits.train.images):,} images, "
         f"device {device}); cached at {path} afterwards")
     start = time.perf_counter()
@@ -273,7 +260,7 @@ class Scorer:
         self.device, self.data_cfg, self.num_samples = torch.device(device), data_cfg, num_samples
         inception_features = _InceptionOnDigits().to(self.device).eval() if inception else None  # fails first
         splits = real_splits(data_cfg)
-        self.classifier = get_classifier(data_cfg, self.device, classifier_steps, splits, progress, log)
+        self.classifier = get_classifier(data_cfg, self.device, splits, classifier_steps, progress, log)
         g = torch.Generator().manual_seed(REFERENCE_SEED)
         pick = lambda d: d.images[torch.randperm(len(d.images), generator=g)[:num_samples]]  # noqa: E731
         self.reference, self.floor_images = pick(splits.train), pick(splits.held_out)
@@ -415,5 +402,5 @@ def quick_score(net, cfg, device, num_samples: int = 1000) -> dict:
     if key not in _QUICK:
         _QUICK.clear()
         _QUICK[key] = Scorer(cfg.data, device, num_samples)
-    return evaluate(net, cfg, device, num_samples, "ddim", min(50, cfg.diffusion.timesteps),
+    return evaluate(net, cfg, device, num_samples, "ddim", usual_ddim_steps(cfg.diffusion.timesteps),
                     batch_size=min(500, num_samples), seed=0, progress=False, scorer=_QUICK[key])

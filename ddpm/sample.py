@@ -177,16 +177,15 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def grid_image(x: torch.Tensor, scale: int = 1) -> Image.Image:
+def grid_image(x: torch.Tensor) -> Image.Image:
     grid = make_grid(to_unit(x.float().cpu()), nrow=int(len(x) ** 0.5 + 0.5), padding=2, pad_value=1.0)
-    image = Image.fromarray((grid[0] * 255).round().byte().numpy(), mode="L")
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+    return Image.fromarray((grid[0] * 255).round().byte().numpy(), mode="L")
 
 
-def write_gif(frames: list[torch.Tensor], scale: int = 1, hold_last_ms: int = 1500):
-    """A writer (f -> None) of the frames as an animated GIF, the last one held."""
-    images = [grid_image(f, scale) for f in frames]
-    durations = [80] * (len(images) - 1) + [hold_last_ms]
+def write_gif(frames: list[torch.Tensor]):
+    """A writer (f -> None) of the frames as an animated GIF, 80 ms each, the last one held 1.5 s."""
+    images = [grid_image(f) for f in frames]
+    durations = [80] * (len(images) - 1) + [1500]
     return lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ddpm import checkpoint, cli, config as config_lib, data, distributed, model as model_lib
 from ddpm.config import UserError
 from ddpm.runtime import compile_model, precision_dtype, resolve_device, resolve_precision, resolve_train_compile
-from ddpm.diffusion import Diffusion
+from ddpm.diffusion import Diffusion, usual_ddim_steps
 from ddpm.sample import to_unit
 
 # Keys a resumed run may change: how long it runs, how it reports, and how it runs on this machine
@@ -174,8 +174,8 @@ def start_out_dir(cfg, replace: bool, fresh: bool) -> int | None:
 class EMA(AveragedModel):
     """torch's AveragedModel with its EMA rule (get_ema_multi_avg_fn), updated without waiting for
     the GPU: AveragedModel.update_parameters copies its host-side step count to the device every
-    call, a blocking copy per training step. Buffers (the sinusoid frequencies) are copied, never
-    averaged (use_buffers=False).
+    call, a blocking copy per training step. Buffers are copied, never averaged (a BatchNorm's
+    statistics would follow the model; this UNet's one buffer, the sinusoid frequencies, is constant).
 
     warmup: update k (k = 1, 2, ... after the copy of the first weights) decays by
     min(decay, (1 + k) / (10 + k)), TensorFlow's ExponentialMovingAverage with num_updates, so that
@@ -183,7 +183,7 @@ class EMA(AveragedModel):
     still the first step's weights after 2,000 steps, and 2.4% after the seed's 37,500."""
 
     def __init__(self, net: torch.nn.Module, decay: float, warmup: bool = True):
-        super().__init__(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+        super().__init__(net)  # its update_parameters, and with it multi_avg_fn and use_buffers, is replaced below
         self.decay, self.warmup = decay, warmup
 
     def decay_of_update(self, k: int) -> float:
@@ -296,7 +296,7 @@ class Trainer:
 @torch.no_grad()
 def sample_grid(ema_net, diffusion: Diffusion, image_size: int, n: int = 16, seed: int = 0) -> torch.Tensor:
     """A quick DDIM-50 grid from the EMA weights for TensorBoard (same noise every time)."""
-    plan = diffusion.ddim_plan(min(50, diffusion.timesteps), 0.0)
+    plan = diffusion.ddim_plan(usual_ddim_steps(diffusion.timesteps), 0.0)
     x, _ = diffusion.sample(ema_net, (n, 1, image_size, image_size), plan, True,
                             torch.Generator(diffusion.device).manual_seed(seed))
     return x
@@ -336,21 +336,27 @@ class TensorBoard:
         self._call("close")
 
 
-def on_main(world: distributed.World, fn) -> None:
-    """fn() on rank 0 alone (a write to the run dir); if it fails, every rank stops: rank 0 with its
-    error, the others quietly after it (cli.exit_after_reporter), instead of failing in the next
-    step's collective that rank 0 has left."""
-    failure = None
+def on_main(world: distributed.World, fn):
+    """fn() on rank 0 alone (checking the run dir, reading the data, a write to the run dir); its
+    result goes to every rank. If it fails, every rank stops, instead of failing in a collective
+    that rank 0 has left: rank 0 with its error, the first process of every other node with the
+    same one line (`rank 0: ...`) for a user error, the others quietly (cli.exit_after_reporter)."""
+    result = failure = None
     if world.is_main:
         try:
-            fn()
+            result = fn()
         except Exception as e:
             failure = e
-    exit_status = distributed.from_main(world, None if failure is None else 2 if isinstance(failure, UserError) else 1)
+    exit_status = None if failure is None else 2 if isinstance(failure, UserError) else 1
+    message = str(failure) if isinstance(failure, UserError) else None
+    result, exit_status, message = distributed.from_main(world, (result, exit_status, message))
     if failure is not None:
         raise failure
+    if message is not None and world.local_rank == 0:
+        raise UserError(f"rank 0: {message}")
     if exit_status is not None:
         cli.exit_after_reporter(exit_status)
+    return result
 
 
 def detach_from_terminal(terminal_fds: list[int]) -> None:
@@ -383,31 +389,20 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
     # data, then sends both to the other ranks: they all train on the same digits, and other
     # nodes need neither the data nor the run dir. Nothing is written or deleted until the run
     # is set up, so bad input costs no earlier work.
-    resumed = digits = data_fingerprint = failed = None
-    if world.is_main:
-        try:
-            resumed = check_out_dir(cfg, resume, overwrite)
-            digits = data.load_digits(cfg.data, train=True)
-            data_fingerprint = digits.fingerprint()
-            if resumed is not None:
-                check_same_data(resumed, data_fingerprint, digits, cfg, ckpt_path)
-            if t.eval_every:
-                from ddpm.eval import real_splits  # torchmetrics only when asked for
-                real_splits(cfg.data)  # a missing test split stops now, not at the first evaluation
-        except Exception as e:
-            failed = e
-    # a failure too (as an exit status, without data): the other ranks then exit after rank 0,
-    # which says why, instead of failing in a collective that rank 0 has left
-    exit_status = None if failed is None else 2 if isinstance(failed, UserError) else 1
-    message = str(failed) if isinstance(failed, UserError) else None
-    resumed, digits, exit_status, message = distributed.from_main(
-        world, (resumed, digits, None, None) if failed is None else (None, None, exit_status, message))
-    if failed is not None:
-        raise failed
-    if message is not None and world.local_rank == 0:  # the first process of another node says it there too
-        raise UserError(f"rank 0: {message}")
-    if exit_status is not None:
-        cli.exit_after_reporter(exit_status)
+    data_fingerprint = None  # rank 0's, for its checkpoints
+
+    def set_up():
+        nonlocal data_fingerprint
+        resumed = check_out_dir(cfg, resume, overwrite)
+        digits = data.load_digits(cfg.data, train=True)
+        data_fingerprint = digits.fingerprint()
+        if resumed is not None:
+            check_same_data(resumed, data_fingerprint, digits, cfg, ckpt_path)
+        if t.eval_every:
+            from ddpm.eval import real_splits  # torchmetrics only when asked for
+            real_splits(cfg.data)  # a missing test split stops now, not at the first evaluation
+        return resumed, digits
+    resumed, digits = on_main(world, set_up)
 
     trainer = Trainer(cfg, device, digits.images, world.rank, world.world_size)
     start = restore(trainer, resumed, ckpt_path) if resumed is not None else 0
@@ -421,9 +416,9 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
               f"steps {start} -> {t.steps}",
               file=sys.stderr)
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and world.is_main), unit="step", dynamic_ncols=True)
-    # loss sum, step count and stop votes of the window, reduced across ranks once per log_every
-    window = torch.zeros(3, device=device)
-    window_start = time.perf_counter()
+    # loss sum and stop votes of the window, reduced across ranks once per log_every
+    window = torch.zeros(2, device=device)
+    window_steps, window_start = 0, time.perf_counter()
     # Ctrl-C / SIGTERM / SIGHUP (a closed terminal, a dropped ssh session): finish the step (under
     # DDP: the logging window, so all ranks agree), save, stop.
     # A sample grid or evaluation under way is cut short: it computes nothing the run keeps. A
@@ -459,21 +454,21 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                     run_dir_lock = start_out_dir(cfg, replace=replace_old_run, fresh=fresh_run)
                     writer = TensorBoard(out / "tb")
                 on_main(world, start_run_dir)
-            window[1] += 1
+            window_steps += 1
             done = step + 1
             bar.update(1)
-            stop = bool(stop_signal) and not world.distributed
+            stop = False  # a signal's stop, decided at a log (all ranks) or after the extras (one process)
             if done % t.log_every == 0 or done == t.steps:
-                window[2] = float(bool(stop_signal))
-                loss_sum, steps, stop_votes = distributed.sum_across(world, window).tolist()  # the one host sync
+                window[1] = float(bool(stop_signal))
+                loss_sum, stop_votes = distributed.sum_across(world, window).tolist()  # the one host sync
                 stop = stop_votes > 0
                 if not math.isfinite(loss_sum):  # on every rank: rank 0 says it
                     if not world.is_main:
                         cli.exit_after_reporter(2)
                     raise diverged(loss_sum, done, ckpt_path)
-                images_per_s = steps / world.world_size * t.batch_size / (time.perf_counter() - window_start)
+                images_per_s = window_steps * t.batch_size / (time.perf_counter() - window_start)
                 if world.is_main:
-                    mean_loss = loss_sum / steps
+                    mean_loss = loss_sum / (window_steps * world.world_size)
                     writer.add_scalar("train/loss", mean_loss, done)
                     writer.add_scalar("train/lr", trainer.sched.get_last_lr()[0], done)
                     writer.add_scalar("train/images_per_s", images_per_s, done)
@@ -481,7 +476,7 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                     if not progress:
                         print(f"step {done}/{t.steps}  loss {mean_loss:.4f}  {images_per_s:.0f} images/s", file=sys.stderr)
                 window.zero_()
-                window_start = time.perf_counter()
+                window_steps, window_start = 0, time.perf_counter()
             saved = done % t.checkpoint_every == 0 or done == t.steps or stop  # alike on every rank
             extras = t.sample_every and done % t.sample_every == 0 or t.eval_every and done % t.eval_every == 0
             if world.is_main and (saved or extras) and device.type == "cuda":
@@ -497,9 +492,8 @@ def _train(cfg, world: distributed.World, device, resume, overwrite, progress) -
                         writer.add_image("samples/ema_ddim50", make_grid(to_unit(x).cpu(), nrow=4, pad_value=1.0), done)
                     if not stop_signal and t.eval_every and done % t.eval_every == 0:
                         from ddpm.eval import quick_score  # torchmetrics only when asked for
-                        for name, value in quick_score(trainer.ema.module, cfg, device).items():
-                            if isinstance(value, (int, float)):
-                                writer.add_scalar(f"eval/{name}", value, done)
+                        for name, value in quick_score(trainer.ema.module, cfg, device).items():  # each beside its floor
+                            writer.add_scalar(f"eval/{name}", value, done)
                 except _ExtrasInterrupted:
                     print(f"sample grid / evaluation at step {done} cut short by the signal", file=sys.stderr)
                 finally:

@@ -25,6 +25,11 @@ ATTENTION_MAX_HEAD_DIM = 256
 ATTENTION_MAX_BATCH_HEADS = 65535  # the grid's second axis, one program per (sample, head): CUDA's limit there
 
 
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 without its ~4 us of constexpr handling per call on the launch path."""
+    return 1 << (n - 1).bit_length()
+
+
 def attention_beyond_limits(batch: int, channels: int, seq: int, num_heads: int) -> str | None:
     """Why the Triton attention cannot take `seq` tokens of `channels` channels in `num_heads`
     heads for `batch` samples, or None when it can."""

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import FLEXIBLE_LAYOUT, attention_beyond_limits
+from kernels import FLEXIBLE_LAYOUT, attention_beyond_limits, next_power_of_2
 
 # Score tile [rows, cols] elements: the dq backward keeps about four such fp32 tiles live
 # (S, P, dP, dS), 4 * 4096 / 256 threads = 64 registers per thread at 8 warps.
@@ -174,7 +174,7 @@ def _launch_config(batch_heads: int, seq: int, head_dim: int, dtype: torch.dtype
 
     The same choice serves all three kernels: their dots are [R, D] x [D, C] and [R, C] x [C, D].
     """
-    block_c = max(16, triton.next_power_of_2(seq))  # tl.dot wants every dimension >= 16
+    block_c = max(16, next_power_of_2(seq))  # tl.dot wants every dimension >= 16
     block_r = max(16, min(64, _MAX_TILE // block_c, block_c))
     props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
     # tl.dot uses tensor cores only for 16-bit inputs from sm_80 on; fp32 (input_precision="ieee")
@@ -183,7 +183,7 @@ def _launch_config(batch_heads: int, seq: int, head_dim: int, dtype: torch.dtype
     # thread, 16 spills nothing (tests/test_kernels_compile_for_gpus.py). The CPU interpreter
     # takes the FMA choice too.
     on_fma = props is None or props.major < 8 or dtype == torch.float32
-    block_d = 16 if on_fma else max(16, min(64, triton.next_power_of_2(head_dim)))
+    block_d = 16 if on_fma else max(16, min(64, next_power_of_2(head_dim)))
     elem = torch.finfo(dtype).bits // 8
     while block_d > 16 and max(block_r * block_d + block_d * block_c,
                                block_r * block_c + block_c * block_d) * elem > _DOT_SMEM_BUDGET:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import FLEXIBLE_LAYOUT
+from kernels import FLEXIBLE_LAYOUT, next_power_of_2
 
 # Elements per tile when a group is walked in tiles: at 8 warps that is 8 fp32 values per thread
 # for each live tile, which keeps the backward (x, dy, xhat, two accumulators) well inside a T4's
@@ -91,7 +91,6 @@ def _fwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     base, stride_c, stride_hw = _group_layout(n, c_first, G * CPG, HW, CHANNELS_LAST)
     x_ptr += base
     y_ptr += base
-    nc_row = n * G * CPG + c_first  # offset of this group's first channel in [N, C] buffers
     t_first = n * t_stride_n + c_first  # t_stride_n = 0: one time bias for the whole batch
     group_size = CPG * HW
 
@@ -188,7 +187,7 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
     group_size = CPG * HW
     mean = tl.load(mean_ptr + pid)
     rstd = tl.load(rstd_ptr + pid)
-    nc_row = n * G * CPG + c_first
+    nc_row = n * G * CPG + c_first  # offset of this group's first channel in [N, C] buffers
     t_first = n * t_stride_n + c_first
 
     if ONE_TILE:  # x and dy read once, xhat and g kept in registers for dx
@@ -237,16 +236,11 @@ def _bwd_kernel(x_ptr, t_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
                 tl.store(dt_ptr + nc_row + cs, tl.sum(acc_dx, axis=1).to(dt_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _next_power_of_2(n: int) -> int:
-    """triton.next_power_of_2 without its ~4 us of constexpr handling per call on the launch path."""
-    return 1 << (n - 1).bit_length()
-
-
 def _launch_config(channels_per_group: int, hw: int, channels_last: bool, backward: bool):
     """The whole group as one tile when it fits (_MAX_ONE_TILE_FWD/BWD); otherwise tiles as long as
     possible along the contiguous axis: H*W in NCHW, the group's channels in channels-last (where
     each position holds only C/G of them)."""
-    c_pow2, hw_pow2 = _next_power_of_2(channels_per_group), _next_power_of_2(hw)
+    c_pow2, hw_pow2 = next_power_of_2(channels_per_group), next_power_of_2(hw)
     if c_pow2 * hw_pow2 <= (_MAX_ONE_TILE_BWD if backward else _MAX_ONE_TILE_FWD):
         num_warps = max(4, c_pow2 * hw_pow2 // (32 * _ONE_TILE_PER_THREAD))
         return dict(ONE_TILE=True, BLOCK_C=c_pow2, BLOCK_HW=hw_pow2, num_warps=num_warps)

@@ -186,7 +186,7 @@ def test_make_profile_writes_traces_for_tensorboard_and_prints_the_top_operators
     ("bench_group_norm_silu", ["--batch-sizes", "64", "0"], "argument --batch-sizes: must be >= 1, got 0"),
     ("compare", ["--bogus"], "unrecognized arguments: --bogus"),
     ("probe_sampling_options", ["--out", "{file}", "--rows", "default,nope"], "unknown rows ['nope']"),
-    ("profile", ["--out", "{file}"], "is a file; pass a directory for the traces"),
+    ("profile", ["--out", "{file}"], "is a file; pass a directory"),
     ("profile", ["--config", "configs/ci.yaml", "train.lr=fast"], "train.lr must be float"),
     ("compare_losses", ["--steps", "10", "--window", "10"], "--steps 10 leaves no timed window after the first"),
     ("compare_losses", ["--window", "0"], "argument --window: must be >= 1, got 0"),

@@ -44,7 +44,8 @@ def cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DDPM_CACHE_DIR", str(path))
-        ev.get_classifier(ci_config(path).data, "cpu", steps=QUICK_STEPS)
+        data_cfg = ci_config(path).data
+        ev.get_classifier(data_cfg, "cpu", ev.real_splits(data_cfg), steps=QUICK_STEPS)
         yield path
 
 
@@ -60,7 +61,7 @@ def test_classifier_cache_round_trip_and_corrupt_file(cache, tmp_path, monkeypat
     state = torch.load(path, weights_only=True)
     assert state["key"] == "mnist-offline_subset" and state["accuracy"] > 0.8, state["accuracy"]
     monkeypatch.setattr(ev, "train_classifier", lambda *a, **k: pytest.fail("a cached classifier was retrained"))
-    net = ev.get_classifier(data_cfg, "cpu")
+    net = ev.get_classifier(data_cfg, "cpu", ev.real_splits(data_cfg))
     assert all(torch.equal(v, state["weights"][k]) for k, v in net.state_dict().items())
     # the accuracy it reports is on the held-out digits, not on those it learned
     assert state["accuracy"] == pytest.approx(ev.accuracy(net, ev.real_splits(data_cfg).held_out, data_cfg, "cpu"))
@@ -69,7 +70,7 @@ def test_classifier_cache_round_trip_and_corrupt_file(cache, tmp_path, monkeypat
     monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
     (tmp_path / "classifier-mnist-offline_subset.pt").write_bytes(b"not a checkpoint")
     messages = []
-    ev.get_classifier(data_cfg, "cpu", steps=3, log=messages.append)
+    ev.get_classifier(data_cfg, "cpu", ev.real_splits(data_cfg), steps=3, log=messages.append)
     assert "is unusable" in messages[0] and "retraining" in messages[0]
     assert torch.load(tmp_path / "classifier-mnist-offline_subset.pt", weights_only=True)["steps"] == 3
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically
