@@ -223,6 +223,8 @@ def test_cli_seeds_and_the_write_probe(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(config.UserError, match=r"--out .*file/traces: .*file is a file; pass a directory$"):
         cli.check_writable_dir(tmp_path / "file" / "traces", "--out")
+    with pytest.raises(config.UserError, match=r"--out .*file: .*file is a file; pass a directory$"):
+        cli.check_writable_dir(tmp_path / "file", "--out")  # the file itself, not its folder, is what is refused
     with pytest.raises(config.UserError, match=r"--json .*file/scores.json: .*file is not a directory$"):
         cli.check_writable(tmp_path / "file" / "scores.json", "--json")
     with pytest.raises(config.UserError, match=r"--json .*scores.json: .*missing does not exist$"):

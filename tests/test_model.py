@@ -193,8 +193,8 @@ def test_attention_beyond_the_triton_kernels_limits(monkeypatch):
     wide.to(torch.bfloat16)(torch.randn(2, 512, 2, 2, dtype=torch.bfloat16))
     assert calls == ["torch"]
     net = model.UNet(base_channels=8, channel_mults=(1, 2), time_embed_dim=16, attention_resolutions=(32, 16),
-                     attention_backend=model.TRITON_FOR_16BIT)  # what train.py's first line says it runs
-    assert net.backends[1] == "triton-for-16bit (torch in 2 of 3 layers, beyond its limits)"
+                     norm_backend="triton", attention_backend=model.TRITON_FOR_16BIT)  # what train.py's first line says
+    assert net.backends == ("triton", "triton-for-16bit (torch in 2 of 3 layers, beyond its limits)")
     for change, reason in (("model.attention_resolutions=[32]", "sequence length 1024 > 256"),
                            ("model.base_channels=128", "head dim 512 > 256")):
         cfg = config.load("configs/mnist.yaml", ["model.attention=triton", change])

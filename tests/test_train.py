@@ -332,7 +332,9 @@ def test_sigterm_and_sighup_save_the_step_and_stop(tmp_path, monkeypatch, capsys
         train(ci_config(tmp_path / "run", "train.steps=50", "train.checkpoint_every=100"), progress=False)
     assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["step"] == 3
     assert "stopped by signal after step 3" in capsys.readouterr().err
-    assert signal.getsignal(sig) is handler and len(detached) == (sig == signal.SIGHUP)
+    assert signal.getsignal(sig) is handler
+    # a hangup leaves the terminal, but not a log file that stdout or stderr was sent to
+    assert detached == ([[fd for fd in (1, 2) if os.isatty(fd)]] if sig == signal.SIGHUP else [])
 
 
 def test_a_hangup_saves_the_step_and_stops_even_though_the_terminal_is_gone(tmp_path):
@@ -381,9 +383,9 @@ def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path, monkeypatch):
 
 def test_images_per_s_counts_the_training_steps_alone(tmp_path, monkeypatch, capsys):
     """The speed in the log, the progress bar and TensorBoard leaves out checkpoints, sample grids
-    and evaluations: on a clock where a step takes 1 s and a grid 100 s, every window shows
-    batch_size images/s."""
-    clock, step = [0.0], Trainer.step
+    and evaluations: on a clock where a step takes 1 s and a grid or a checkpoint 100 s, every
+    window shows batch_size images/s. (The clock starts far from 0, as perf_counter's does.)"""
+    clock, step, save = [1000.0], Trainer.step, ddpm.train.save_checkpoint
 
     def one_second_step(self, i):
         clock[0] += 1.0
@@ -392,8 +394,13 @@ def test_images_per_s_counts_the_training_steps_alone(tmp_path, monkeypatch, cap
     def slow_grid(*args, **kwargs):
         clock[0] += 100.0
         return torch.zeros(16, 1, 32, 32)
+
+    def slow_save(*args):
+        clock[0] += 100.0
+        save(*args)
     monkeypatch.setattr(Trainer, "step", one_second_step)
     monkeypatch.setattr(ddpm.train, "sample_grid", slow_grid)
+    monkeypatch.setattr(ddpm.train, "save_checkpoint", slow_save)
     monkeypatch.setattr(ddpm.train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
     cfg = ci_config(tmp_path / "run", "train.steps=6", "train.log_every=2", "train.sample_every=1",
                     "train.checkpoint_every=1")
@@ -852,6 +859,25 @@ def test_tensorboard_on_a_full_disk_stops_with_a_note_and_training_goes_on(tmp_p
                      f"training goes on"]
 
 
+def test_a_first_checkpoint_that_cannot_be_written_says_none_was(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(checkpoint.WriteError, match="at step 1; none was written: free space and start again"):
+        train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
+
+
+def test_tensorboard_that_cannot_start_is_a_note_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(SummaryWriter, "__init__", full)
+    ckpt = train(ci_config(tmp_path / "run", "train.steps=2", "train.log_every=1"), progress=False)
+    assert checkpoint.load(ckpt)["step"] == 2
+    assert "note: TensorBoard stopped" in capsys.readouterr().err
+
+
 def test_a_run_dir_that_cannot_be_started_is_not_left_half_made(tmp_path, monkeypatch):
     """A full disk when the config is written: no dir made and no empty config.yaml, which would
     have the next start refused as a run that stopped before its first checkpoint."""
@@ -868,7 +894,20 @@ def test_a_run_dir_that_cannot_be_started_is_not_left_half_made(tmp_path, monkey
     assert checkpoint.load(train(ci_config(out, "train.steps=1"), resume="if-present", progress=False))["step"] == 1
 
 
-def test_two_runs_in_one_run_dir_the_second_stops_before_writing(tmp_path):
+@pytest.fixture
+def fails_instead_of_waiting():
+    """A lock taken without LOCK_NB would wait for ever, and SIGTERM would not end it (the run's
+    handler takes it): fail after 60 s instead."""
+    def waited(signum, frame):
+        raise RuntimeError("waited 60 s: a lock blocked instead of being refused at once")
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_two_runs_in_one_run_dir_the_second_stops_before_writing(tmp_path, fails_instead_of_waiting):
     """Both passed the run-dir check before either wrote: the one that takes its first step second
     finds the dir locked, or (the first has ended) holding a run, and stops before it writes."""
     import fcntl
@@ -888,7 +927,11 @@ def test_two_runs_in_one_run_dir_the_second_stops_before_writing(tmp_path):
         ddpm.train.start_out_dir(cfg, replace=False, fresh=True)
     os.close(ddpm.train.start_out_dir(cfg, replace=False, fresh=False))  # a resumed run's own dir
     train(ci_config(out, "train.steps=1"), overwrite=True, progress=False)  # and the lock is let go at the end
-    os.close(ddpm.train.start_out_dir(cfg, replace=False, fresh=False))
+    lock = ddpm.train.start_out_dir(cfg, replace=False, fresh=False)
+    try:
+        assert ddpm.train.lock_run_dir(out) == (None, True)  # exclusive: not shared with another run
+    finally:
+        os.close(lock)
 
 
 def test_a_file_system_without_locks_trains_unlocked_with_a_note(tmp_path, monkeypatch, capsys):
@@ -931,6 +974,35 @@ def test_temporaries_of_killed_writes_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
     checkpoint.write_atomically(tmp_path / "checkpoint.pt", lambda f: f.write(b"whole"))  # its own name's pattern
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"whole" and len(list(tmp_path.iterdir())) == len(names)
+    # the temporary a write really makes is one the clean-up finds (at a run's start)
+    temporaries = []
+    checkpoint.write_atomically(tmp_path / "checkpoint.pt", lambda f: temporaries.append(Path(f.name).name))
+    (tmp_path / temporaries[0].replace(f"tmp{os.getpid()}@", f"tmp{int(gone.stdout)}@")).write_bytes(b"half")
+    run = ci_config(tmp_path, "train.steps=1")
+    os.close(ddpm.train.start_out_dir(run, replace=True, fresh=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[1:], "config.yaml"])
+
+
+def test_an_atomic_write_syncs_the_file_renames_it_then_syncs_the_dir(tmp_path, monkeypatch):
+    """So that a crash or power loss leaves the old file or the whole new one; a file system that
+    cannot sync a directory (some network ones) has still written the file."""
+    import errno
+    import stat
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        events.append(("fsync", "dir" if is_dir else "file"))
+        if is_dir and dir_sync_fails:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace",)) or replace(a, b))
+    for dir_sync_fails in (False, True):
+        events.clear()
+        checkpoint.write_atomically(tmp_path / "a", lambda f: f.write(b"new"))
+        assert events == [("fsync", "file"), ("replace",), ("fsync", "dir")]
+        assert (tmp_path / "a").read_bytes() == b"new"
 
 
 def test_sample_cli_options_reach_the_sampler(tmp_path, monkeypatch):
@@ -1013,10 +1085,15 @@ def test_train_py_passes_resume_if_present_on(monkeypatch):
         main()
 
 
-def test_tensorboard_gets_each_windows_mean_loss_the_scheduled_lr_and_the_speed(tmp_path, capsys):
+def test_tensorboard_gets_each_windows_mean_loss_the_scheduled_lr_the_speed_and_the_grid(tmp_path, capsys, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train(ci_config(tmp_path / "run", "train.steps=4", "train.log_every=2", "train.warmup_steps=4", "train.lr=0.002"),
-          progress=False)
+    from torch.utils.tensorboard import SummaryWriter
+    closed, close = [], SummaryWriter.close
+    monkeypatch.setattr(SummaryWriter, "close", lambda self: closed.append(1) or close(self))
+    monkeypatch.setattr(ddpm.train, "sample_grid", lambda *args, **kwargs: torch.zeros(16, 1, 32, 32))
+    train(ci_config(tmp_path / "run", "train.steps=4", "train.log_every=2", "train.warmup_steps=4", "train.lr=0.002",
+                    "train.sample_every=4"), progress=False)
+    assert closed == [1]
     printed = [float(line.split()[3]) for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
     events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
     scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
@@ -1025,6 +1102,7 @@ def test_tensorboard_gets_each_windows_mean_loss_the_scheduled_lr_and_the_speed(
     # the rate of the step that follows: warmup's (k + 1) / 4 after k steps, then the full rate
     assert scalars["train/lr"] == [(2, pytest.approx(0.0015)), (4, pytest.approx(0.002))]
     assert [step for step, value in scalars["train/images_per_s"] if value > 0] == [2, 4]
+    assert [e.step for e in events.Images("samples/ema_ddim50")] == [4]
 
 
 def test_the_training_grid_is_ddim50_from_the_same_noise_every_time(monkeypatch):
