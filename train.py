@@ -8,8 +8,8 @@ from ddpm.train import train
 def main():
     # Under torchrun the processes of a node share the command line, the config, the files and
     # (on a node of like GPUs) the GPUs' properties, so their errors are the same: local rank 0
-    # alone prints them. (Rank 0's alone, such as a run dir that holds a run, it sends to the others:
-    # ddpm.train._train.)
+    # alone prints them. (Rank 0's alone, such as a run dir that holds a run or a checkpoint that
+    # cannot be written, it sends to the others: ddpm.train.on_main.)
     twin = os.environ.get("LOCAL_RANK", "0") != "0"
     parser = cli.ArgumentParser(description=__doc__, quiet=twin)
     parser.add_argument("--config", default="configs/mnist.yaml", help="YAML run config (default: %(default)s)")

@@ -17,7 +17,7 @@ import torch  # noqa: E402  (does not import triton)
 
 from bench import variants  # noqa: E402
 from ddpm import distributed  # noqa: E402
-from ddpm.checkpoint import write_all_atomically  # noqa: E402
+from ddpm.checkpoint import remove_stale_temporaries, write_all_atomically  # noqa: E402
 from ddpm.runtime import use_inductor_cache  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -174,7 +174,9 @@ def write_results(config) -> tuple[Path, str]:
     path = results_path(config.getoption("--bench-out"))
     path.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(env, rows)
-    # whole files or none: a part killed by its time limit mid-write must not spoil the next part's read
+    # whole files or none: a part killed by its time limit mid-write must not spoil the next part's
+    # read, and leaves a temporary that the next write removes
+    remove_stale_temporaries(path.parent)
     json_text = json.dumps({"environment": env, "results": rows}, indent=1) + "\n"
     write_all_atomically({path.with_suffix(".json"): lambda f: f.write(json_text.encode()),
                           path.with_suffix(".md"): lambda f: f.write(table.encode())})

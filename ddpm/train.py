@@ -114,7 +114,7 @@ def save_checkpoint(trainer, done: int, ckpt_path: Path, window: torch.Tensor, d
         checkpoint.save({**trainer.state_dict(done), "data": data_fingerprint}, ckpt_path)
     except checkpoint.WriteError as e:
         then = ("it keeps the last checkpoint: free space, then continue with --resume" if ckpt_path.exists() else
-                "none was written: free space and start again")
+                "none was written: free space, then start again with --overwrite")
         raise checkpoint.WriteError(f"{e} at step {done}; {then}") from None
 
 

@@ -309,8 +309,9 @@ def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
 
 def test_a_run_dir_write_failing_on_rank_0_stops_every_rank_in_one_line(tmp_path):
     """Rank 0 alone writes the run dir: when its lock is held by another run (at the first step) or a
-    checkpoint cannot be written (a full disk, mid-run), rank 0 says why and the other ranks exit
-    after it without a word, instead of failing in the collective rank 0 has left."""
+    checkpoint cannot be written (a full disk, mid-run), rank 0 says why and the other ranks of its
+    node exit after it without a word (the first process of another node says it too: on_main),
+    instead of failing in the collective rank 0 has left."""
     import fcntl
     out = tmp_path / "run"
     out.mkdir()

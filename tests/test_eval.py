@@ -129,6 +129,22 @@ def test_the_offline_subset_splits_into_two_balanced_halves(tmp_path):
         assert len(half.images) == 2500 and torch.bincount(half.labels, minlength=10).tolist() == [250] * 10
 
 
+def test_training_files_without_their_test_split_are_refused_not_scored_against_the_subset(tmp_path, monkeypatch):
+    """data.source=auto finds the training split's IDX files but not the test split's, whose
+    download fails: the test split falls back to the offline subset, which cannot be the floor."""
+    from ddpm import data
+    from test_train import write_idx_digits
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading t10k-images-idx3-ubyte.gz:\n<urlopen error no network>")
+    monkeypatch.setattr(data, "load_torchvision", offline)
+    write_idx_digits(tmp_path / "idx", torch.zeros(64, 28, 28, dtype=torch.uint8))
+    cfg = config.load("configs/ci.yaml", ["data.source=auto", f"data.dir={tmp_path / 'idx'}"]).data
+    assert not data.load_digits(cfg, train=True).offline_subset and data.load_digits(cfg, train=False).offline_subset
+    with pytest.raises(config.UserError, match="found the mnist training split but not its test split"):
+        ev.real_splits(cfg)
+
+
 def test_class_histogram_distance():
     assert ev.class_histogram_tv(torch.arange(10).repeat(50)) == pytest.approx(0.0, abs=1e-12)
     assert ev.class_histogram_tv(torch.full((300,), 7)) == pytest.approx(0.9)

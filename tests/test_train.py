@@ -327,6 +327,7 @@ def test_sigterm_and_sighup_save_the_step_and_stop(tmp_path, monkeypatch, capsys
         return step(self, i)
 
     monkeypatch.setattr(Trainer, "step", step_then_signal)
+    monkeypatch.setattr(os, "isatty", lambda fd: fd == 2)  # stdout sent to a log file, stderr the terminal
     handler = signal.getsignal(sig)
     with pytest.raises(KeyboardInterrupt):
         train(ci_config(tmp_path / "run", "train.steps=50", "train.checkpoint_every=100"), progress=False)
@@ -334,7 +335,7 @@ def test_sigterm_and_sighup_save_the_step_and_stop(tmp_path, monkeypatch, capsys
     assert "stopped by signal after step 3" in capsys.readouterr().err
     assert signal.getsignal(sig) is handler
     # a hangup leaves the terminal, but not a log file that stdout or stderr was sent to
-    assert detached == ([[fd for fd in (1, 2) if os.isatty(fd)]] if sig == signal.SIGHUP else [])
+    assert detached == ([[2]] if sig == signal.SIGHUP else [])
 
 
 def test_a_hangup_saves_the_step_and_stops_even_though_the_terminal_is_gone(tmp_path):
@@ -863,7 +864,7 @@ def test_a_first_checkpoint_that_cannot_be_written_says_none_was(tmp_path, monke
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(checkpoint.WriteError, match="at step 1; none was written: free space and start again"):
+    with pytest.raises(checkpoint.WriteError, match="at step 1; none was written: free space, then start again with --overwrite"):
         train(ci_config(tmp_path / "run", "train.steps=1"), progress=False)
 
 
@@ -896,8 +897,8 @@ def test_a_run_dir_that_cannot_be_started_is_not_left_half_made(tmp_path, monkey
 
 @pytest.fixture
 def fails_instead_of_waiting():
-    """A lock taken without LOCK_NB would wait for ever, and SIGTERM would not end it (the run's
-    handler takes it): fail after 60 s instead."""
+    """A lock taken without LOCK_NB would wait for ever, and a SIGTERM would not end it (the run's
+    handler takes the first): fail after 60 s instead."""
     def waited(signum, frame):
         raise RuntimeError("waited 60 s: a lock blocked instead of being refused at once")
     previous = signal.signal(signal.SIGALRM, waited)
