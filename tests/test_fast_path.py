@@ -457,6 +457,20 @@ def test_the_training_loop_reads_the_device_only_when_it_logs(tmp_path, monkeypa
     assert checked == [4, 6, 7, 8, 9, 11]
 
 
+@on_cuda
+def test_the_loop_waits_for_the_queued_steps_before_timing_a_checkpoint(tmp_path, monkeypatch):
+    """images/s leaves out checkpoints and grids: the steps' kernels still queued when one begins
+    are the window's time, so the loop waits for them first (a CPU clock cannot show this)."""
+    import ddpm.train
+    saves, synced, synchronize, save = [], [], torch.cuda.synchronize, ddpm.train.save_checkpoint
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(len(saves)) or synchronize(device))
+    monkeypatch.setattr(ddpm.train, "save_checkpoint", lambda *args: saves.append(args[1]) or save(*args))
+    cfg = config.load("configs/ci.yaml", ["train.device=cuda", f"train.out_dir={tmp_path / 'run'}", "train.steps=4",
+                                          "train.log_every=4", "train.checkpoint_every=2", "train.compile=none"])
+    ddpm.train.train(cfg, progress=False)
+    assert saves == [2, 4] and {0, 1} <= set(synced)  # a wait before each save
+
+
 def graphed_losses(cfg, images, steps=8, ddp=False):
     """The losses (and the trainer) of `steps` training steps compiled with reduce-overhead, which inductor must have
     run from CUDA graphs: it falls back to plain compiled code where it cannot capture (a CPU
