@@ -88,6 +88,7 @@ timeout "$TEST_SECONDS" $PY -m pytest -v ${PARALLEL[@]+"${PARALLEL[@]}"} --durat
   tests/test_fast_path.py::test_ddp_around_the_cuda_graphed_unet_takes_its_steps \
   tests/test_fast_path.py::test_cuda_graph_sampling_matches_the_eager_loop_without_host_syncs \
   tests/test_fast_path.py::test_the_training_loop_reads_the_device_only_when_it_logs \
+  tests/test_fast_path.py::test_the_loop_waits_for_the_queued_steps_before_timing_a_checkpoint \
   tests/test_loaders.py::test_the_resident_loader_on_cuda_takes_the_cpu_loaders_batches \
   tests/test_group_norm_silu.py tests/test_attention_op.py > "$OUT/tests.txt" 2>&1 || status=1
 tail -n 5 "$OUT/tests.txt"; echo
