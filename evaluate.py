@@ -11,6 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ddpm import checkpoint, cli
 from ddpm.config import UserError
 from ddpm.diffusion import usual_ddim_steps
@@ -49,6 +52,8 @@ def main():
     cli.add_sampling_runtime_args(parser)
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--json", metavar="OUT.json", help="also write the scores and their settings as JSON")
+    parser.add_argument("--samples", metavar="OUT.npz",
+                        help="also write the scored samples: uint8 [N, H, W, 1] as arr_0, for other FID tools")
     parser.add_argument("--inception", action="store_true",
                         help="Fréchet distance and KID on torchmetrics' InceptionV3 features (needs torch-fidelity "
                              "and the network once for its weights); recognizability still uses the classifier")
@@ -57,12 +62,15 @@ def main():
     with cli.user_errors("evaluate.py", sigterm_cleans_up=True):
         device = resolve_device(args.device)
         cli.check_sampler_options(args.sampler, steps=args.steps)
-        if args.json is not None:
-            if not args.json.strip():
-                raise UserError("--json needs a file name, e.g. --json scores.json")
-            if Path(args.json).resolve() == Path(args.ckpt).resolve():
-                raise UserError(f"--json {args.json} is the checkpoint being evaluated; pass another file name")
-            cli.check_writable(Path(args.json), "--json")
+        for flag, name, example in (("--json", args.json, "scores.json"), ("--samples", args.samples, "samples.npz")):
+            if name is not None:
+                if not name.strip():
+                    raise UserError(f"{flag} needs a file name, e.g. {flag} {example}")
+                if Path(name).resolve() == Path(args.ckpt).resolve():
+                    raise UserError(f"{flag} {name} is the checkpoint being evaluated; pass another file name")
+                cli.check_writable(Path(name), flag)
+        if args.json is not None and args.samples is not None and Path(args.json).resolve() == Path(args.samples).resolve():
+            raise UserError(f"--json and --samples name one file, {args.json}; pass two names")
         net, cfg, step = load_model(args.ckpt, device, use_ema=not args.raw_weights, cuda_graph=args.cuda_graph)
         args.steps = args.steps or usual_ddim_steps(cfg.diffusion.timesteps)
         cfg = cli.with_sample_overrides(cfg, precision=args.precision, compile=args.compile, cuda_graph=args.cuda_graph,
@@ -70,8 +78,9 @@ def main():
         check_sampling(cfg, args.n, args.sampler, args.steps, args.batch_size)
         cuda_graph = uses_cuda_graph(cfg.sample.cuda_graph, device)
         scorer = Scorer(cfg.data, device, args.n, inception=args.inception, progress=not args.no_progress)
+        kept = [] if args.samples else None
         scores = evaluate(net, cfg, device, args.n, args.sampler, args.steps, args.batch_size, args.seed,
-                          progress=not args.no_progress, scorer=scorer)
+                          progress=not args.no_progress, scorer=scorer, kept=kept)
         steps = args.steps if args.sampler == "ddim" else cfg.diffusion.timesteps
         precision = resolve_precision(cfg.sample.precision, device)
         compiled = step_compile_mode(resolve_compile(cfg.sample.compile, device))
@@ -93,6 +102,10 @@ def main():
                       "features": scorer.feature_extractor, "real": scorer.description, "scores": scores}
             text = (json.dumps(record, indent=2) + "\n").encode()
             checkpoint.write_atomically(Path(args.json), lambda f: f.write(text))  # whole or not at all
+        if args.samples:
+            images = torch.cat(kept).numpy()
+            checkpoint.write_atomically(Path(args.samples), lambda f: np.savez(f, arr_0=images))
+            print(f"samples: {args.samples} ({len(images):,} x {images.shape[1]}x{images.shape[2]}, uint8, arr_0)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def main():
         if n > MAX_GRID_IMAGES:
             given = f"--n {n}" if args.n else f"the checkpoint's sample.num_images={n}"
             raise UserError(f"{given} is more than one grid holds ({MAX_GRID_IMAGES}); pass a smaller --n, "
-                            "or score many samples with evaluate.py --n")
+                            "or score (and keep: --samples OUT.npz) many samples with evaluate.py --n")
         with torch.inference_mode():
             paths = write_samples(net, cfg, args.out, device, n, args.seed, progress=not args.no_progress)
         print(f"{cfg.sample.sampler} samples from step {step}: " + ", ".join(str(p) for p in paths.values()))

@@ -365,13 +365,28 @@ def _sample_stream(net, cfg, device, num_samples, sampler, steps, batch_size, se
         bar.close()
 
 
+def as_uint8_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """Samples in [-1, 1] as the pictures hold them: uint8 [N, H, W, 1] on the CPU (the layout of
+    guided-diffusion's sample .npz files, which FID tools read)."""
+    return ((x.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _keeping(batches, kept: list):
+    for x in batches:
+        kept.append(as_uint8_nhwc(x))
+        yield x
+
+
 def evaluate(net, cfg, device, num_samples: int = 10_000, sampler: str = "ddim", steps: int = 50,
              batch_size: int = 500, seed: int = 0, progress: bool = True, scorer: Scorer | None = None,
-             log=_stderr) -> dict:
+             log=_stderr, kept: list | None = None) -> dict:
     """Sample num_samples images and score them; every score has its real-vs-real floor beside it
-    (floor_* keys, same sample count where the held-out set is large enough). All values are numbers."""
+    (floor_* keys, same sample count where the held-out set is large enough). All values are numbers.
+    kept: a list that receives the scored samples, batch by batch (as_uint8_nhwc)."""
     device = torch.device(device)
     batches = sample_batches(net, cfg, device, num_samples, sampler, steps, batch_size, seed, progress)  # checks the arguments
+    if kept is not None:
+        batches = _keeping(batches, kept)
     scorer = scorer or Scorer(cfg.data, device, num_samples, progress=progress, log=log)
     was_training = net.training
     net.eval()

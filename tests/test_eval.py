@@ -202,13 +202,25 @@ def test_the_sample_stream_is_one_seeded_run_of_the_named_sampler(ckpt):
         assert not torch.allclose(got[1], got[0][:len(got[1])], atol=1e-3)
 
 
-def test_evaluate_cli_writes_table_and_json(cache, ckpt, tmp_path):
-    out = tmp_path / "scores.json"
+def test_evaluate_cli_writes_table_json_and_the_samples(cache, ckpt, tmp_path):
+    """--samples keeps the scored samples: the seeded stream's, as the pictures quantize them."""
+    import numpy as np
+
+    from ddpm.sample import load_model
+    out, npz = tmp_path / "scores.json", tmp_path / "samples.npz"
     result = run_cli("evaluate.py", "--ckpt", str(ckpt), "--n", "16", "--steps", "2", "--batch-size", "8",
-                     "--no-progress", "--json", str(out), cache_dir=cache)
+                     "--no-progress", "--json", str(out), "--samples", str(npz), cache_dir=cache)
     assert result.returncode == 0, result.stderr
     assert "real-vs-real floor" in result.stdout and "Fréchet distance" in result.stdout
     assert json.loads(out.read_text())["scores"]["num_samples"] == 16
+    with np.load(npz) as saved:
+        images = torch.from_numpy(saved["arr_0"])
+    assert images.dtype == torch.uint8 and images.shape == (16, 32, 32, 1)
+    net, cfg, _ = load_model(ckpt, "cpu")
+    with torch.no_grad():
+        stream = torch.cat(list(ev.sample_batches(net.eval(), cfg, "cpu", 16, "ddim", 2, 8, seed=0)))
+    want = ((stream + 1) / 2).clamp(0, 1).mul(255).round().permute(0, 2, 3, 1)
+    assert (images.float() - want).abs().max() <= 1 and images.float().std() > 10  # rounding, not noise or zeros
 
 
 @pytest.mark.parametrize("args, message", [
@@ -219,6 +231,10 @@ def test_evaluate_cli_writes_table_and_json(cache, ckpt, tmp_path):
     (["--ckpt", "CKPT", "--device", "gpu"], "unknown device 'gpu'"),
     (["--ckpt", "CKPT", "--json", "CKPT"], "is the checkpoint being evaluated"),
     (["--ckpt", "CKPT", "--json", ""], "--json needs a file name"),
+    (["--ckpt", "CKPT", "--samples", ""], "--samples needs a file name"),
+    (["--ckpt", "CKPT", "--samples", "CKPT"], "is the checkpoint being evaluated"),
+    (["--ckpt", "CKPT", "--samples", "/nonexistent/dir/x.npz"], "does not exist"),
+    (["--ckpt", "CKPT", "--json", "x.out", "--samples", "x.out"], "--json and --samples name one file"),
     (["--ckpt", ""], "the checkpoint's name is empty; pass the checkpoint.pt inside a run's out dir"),
     (["--ckpt", "CKPT", "--sampler", "ddpm", "--steps", "7"], "--steps is an option of the DDIM sampler, not of DDPM"),
     pytest.param(["--ckpt", "CKPT", "--cuda-graph", "enabled"], "needs a CUDA device",
