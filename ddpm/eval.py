@@ -368,7 +368,8 @@ def _sample_stream(net, cfg, device, num_samples, sampler, steps, batch_size, se
 def as_uint8_nhwc(x: torch.Tensor) -> torch.Tensor:
     """Samples in [-1, 1] as the pictures hold them: uint8 [N, H, W, 1] on the CPU (the layout of
     guided-diffusion's sample .npz files, which FID tools read)."""
-    return ((x.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    from ddpm.sample import to_unit
+    return to_unit(x.float()).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def _keeping(batches, kept: list):
