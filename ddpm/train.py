@@ -1,12 +1,14 @@
 """The training loop: data (data.loader) -> UNet -> epsilon MSE -> Adam -> EMA, with checkpoints,
 TensorBoard logs and a progress bar. Counted in optimizer steps; resumable to the same weights."""
 import fcntl
+import gc
 import math
 import os
 import shutil
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -377,6 +379,13 @@ def train(cfg, resume: bool | str = False, overwrite: bool = False, progress: bo
     world, device = distributed.init(resolve_device(cfg.train.device))
     try:
         return _train(cfg, world, device, resume, overwrite, progress)
+    except BaseException as e:
+        # A run that fails or stops keeps its Trainer alive in the traceback's frames: DDP's reducer
+        # and the gloo work it holds would outlive the process group into interpreter teardown, where
+        # gloo can abort ("terminate called without an active exception"). Freed now, before it.
+        traceback.clear_frames(e.__traceback__)
+        gc.collect()
+        raise
     finally:
         distributed.shutdown()
 
